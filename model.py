@@ -1,0 +1,408 @@
+"""ECHO-LLaMA in one file: a LLaMA whose layers can share K/V across layers.
+
+A *producer* layer projects its own keys and values (and owns a KV-cache slot). A *consumer* layer keeps
+its own queries and output projection but attends to the K/V a lower producer computed: it has no
+wk/wv weights and no cache slot. `kv_sources[i]` names the layer whose K/V layer i reads.
+
+Parts, top to bottom: config + kv_share spec, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU), the
+layer-aware KV cache, the model with generation, FLOPs/MFU, checkpoints, K/V-sharing conversion and
+the Hugging Face import.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UsageError(ValueError):
+    """Bad input from a user (config, spec, checkpoint, prompt). The scripts print it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration and the kv_share spec
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    block_size: int = 256          # context window: RoPE tables and the KV cache are sized from it
+    n_layer: int = 6
+    n_head: int = 6                # query heads
+    n_kv_head: int = 2             # key/value heads (GQA); 1 = multi-query, n_head = multi-head
+    n_embd: int = 384
+    intermediate_size: int = 0     # SwiGLU width; 0 = LLaMA's rule, 8/3 * n_embd rounded up to 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True    # LM head shares the token-embedding matrix
+    dropout: float = 0.0
+    kv_share: str = "none"         # see resolve_kv_sources
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise UsageError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise UsageError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise UsageError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.intermediate_size:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown model config key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def resolve_kv_sources(spec, n_layer):
+    """Turn a kv_share spec into kv_sources: entry i = the layer whose K/V layer i attends to.
+
+      "none"     every layer is its own producer                 [0, 1, 2, 3, 4, 5]
+      "echo:N"   the top N layers read layer n_layer-N-1          echo:2 -> [0, 1, 2, 3, 3, 3]
+      "cla:G"    groups of G adjacent layers, bottom one produces cla:2  -> [0, 0, 2, 2, 4, 4]
+      "0,0,2,2"  explicit: entry i is layer i's source (a producer at or below i)
+    """
+    spec = str(spec).strip()
+    grammar = "expected 'none', 'echo:N', 'cla:G' or a comma-separated list of source layers"
+    kind, _, arg = spec.partition(":")
+    if spec == "none":
+        return list(range(n_layer))
+    if kind in ("echo", "cla"):
+        if not arg.strip().isdigit():
+            raise UsageError(f"kv_share '{spec}': '{kind}:' needs a whole number, e.g. '{kind}:2'")
+        n = int(arg)
+        if kind == "echo":
+            if not 1 <= n <= n_layer - 1:
+                raise UsageError(f"kv_share '{spec}': N must be between 1 and n_layer-1 = {n_layer - 1}")
+            return list(range(n_layer - n)) + [n_layer - n - 1] * n
+        if not 1 <= n <= n_layer:
+            raise UsageError(f"kv_share '{spec}': group size G must be between 1 and n_layer = {n_layer}")
+        return [i - i % n for i in range(n_layer)]
+    try:
+        sources = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"kv_share '{spec}': {grammar}") from None
+    if len(sources) != n_layer:
+        raise UsageError(f"kv_share '{spec}' lists {len(sources)} layers but the model has n_layer={n_layer}")
+    for i, s in enumerate(sources):
+        if not 0 <= s <= i:
+            raise UsageError(f"kv_share '{spec}': layer {i} reads layer {s}, but a source must be in 0..{i}")
+        if sources[s] != s:
+            raise UsageError(f"kv_share '{spec}': layer {i} reads layer {s}, which is itself a consumer "
+                             f"(of layer {sources[s]}); a source must be a producer")
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLaMA pieces
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalise in fp32 even under bf16
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin of the rotary angles, each (max_len, head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)                # (max_len, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[..., j], x[..., j + hd/2]) by their position's angles (Hugging Face layout).
+    x: (B, heads, T, hd); cos, sin: (T, hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)                                          # (B, h, T, hd/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal attention. Only a producer has wk/wv; a consumer is given its producer's K/V."""
+
+    def __init__(self, cfg, producer):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        if producer:
+            self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+            self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, mask, kv=None, cache=None, slot=None, input_pos=None):
+        """kv: a producer's (k, v) when this layer is a consumer, else None. Returns (output, (k, v))."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, hd)
+        q = apply_rope(q, cos, sin)
+        if kv is None:  # producer: project, rotate the keys once, and store them for later tokens
+            k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+            v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+            k = apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(slot, input_pos, k, v)                            # (B, KVH, S, hd)
+            kv = (k, v)
+        k, v = kv
+        # mask=None means a full pass from position 0, where SDPA's top-left causal mask is right
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                # (B, T, H*hd)
+        return F.dropout(self.wo(y), self.dropout, self.training), kv
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        return F.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, producer):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attention = Attention(cfg, producer)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.feed_forward = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv=None, cache=None, slot=None, input_pos=None):
+        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, kv, cache, slot, input_pos)
+        x = x + a
+        return x + self.feed_forward(self.ffn_norm(x)), kv
+
+
+# ----------------------------------------------------------------------------------------------------
+# The layer-aware KV cache: one slot per *producer* layer; consumers read their producer's slot.
+
+class KVCache(nn.Module):
+    def __init__(self, n_slots, batch_size, max_len, n_kv_head, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_slots, batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def update(self, slot, input_pos, k, v):
+        """Write k, v (B, KVH, T, hd) at positions input_pos (T,); return the slot's whole (B, KVH, S, hd)."""
+        self.k[slot, :, :, input_pos] = k
+        self.v[slot, :, :, input_pos] = v
+        return self.k[slot], self.v[slot]
+
+    @property
+    def nbytes(self):
+        return self.k.nbytes + self.v.nbytes
+
+
+def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
+    """Closed form: 2 (K and V) x producers x batch x positions x KV heads x head_dim x element size."""
+    n_producers = sum(s == i for i, s in enumerate(resolve_kv_sources(cfg.kv_share, cfg.n_layer)))
+    return 2 * n_producers * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class LLaMA(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.kv_sources = resolve_kv_sources(config.kv_share, config.n_layer)
+        self.producers = [i for i, s in enumerate(self.kv_sources) if s == i]
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, producer=i in self.producers) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.kv_cache = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
+
+    def setup_cache(self, batch_size, max_len, dtype=None):
+        """Preallocate the static KV cache: one slot per producer layer, max_len positions."""
+        if max_len > self.config.block_size:
+            raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        self.kv_cache = KVCache(len(self.producers), batch_size, max_len, self.config.n_kv_head,
+                                self.config.head_dim, dtype, self.tok_embeddings.weight.device)
+
+    def forward(self, idx, targets=None, input_pos=None):
+        """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
+        With input_pos (T,): the tokens sit at those positions and attend through the KV cache."""
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise UsageError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+            cos, sin, mask, cache = self.rope_cos[:T], self.rope_sin[:T], None, None
+        else:
+            cache = self.kv_cache
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]                   # (T, hd/2)
+            # query at position p sees cached keys 0..p; explicit, because is_causal would align top-left
+            mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
+        x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
+        kv_of = {}  # producer layer -> the (k, v) it computed in this pass
+        for i, (layer, src) in enumerate(zip(self.layers, self.kv_sources)):
+            # a producer (src == i) finds nothing in kv_of and computes; a consumer reuses kv_of[src]
+            slot = self.producers.index(src)
+            x, kv_of[src] = layer(x, cos, sin, mask, kv_of.get(src), cache, slot, input_pos)
+        logits = self.output(self.norm(x)).float()                                       # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        vocab_limit=None, step=None):
+        """Yield (B, 1) new tokens: one prefill pass over the prompt, then one cached decode step each.
+        step: the function for a decode step (default: self; sample.py passes a compiled one).
+        Past block_size the window slides: the last block_size/2 tokens are re-encoded from position 0."""
+        B, T = idx.shape
+        block = self.config.block_size
+        if T > block:
+            raise UsageError(f"prompt is {T} tokens, longer than the context window block_size={block}")
+        if T == 0:
+            raise UsageError("prompt is empty: give at least one token")
+        self.setup_cache(B, min(block, T + max_new_tokens))
+        step = step or self
+        context = idx
+        logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
+        for n in range(max_new_tokens):
+            token = sample_logits(logits, temperature, top_k, top_p, vocab_limit)  # (B, 1)
+            yield token
+            if n == max_new_tokens - 1:
+                break
+            context = torch.cat((context, token), dim=1)
+            if context.size(1) > self.kv_cache.max_len:  # window full: re-encode its second half
+                context = context[:, -(block // 2):]
+                logits = self(context, input_pos=torch.arange(context.size(1), device=idx.device))[0][:, -1]
+            else:
+                pos = torch.tensor([context.size(1) - 1], device=idx.device)
+                logits = step(token, input_pos=pos)[0][:, -1]
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
+        """idx (B, T) -> (B, T + max_new_tokens), sampled through the KV cache; temperature=0 is greedy."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit))
+        return torch.cat([idx] + new, dim=1)
+
+    def flops_per_token(self, seq_len=None):
+        return training_flops_per_token(self.config, seq_len or self.config.block_size)
+
+    def estimate_mfu(self, tokens_per_sec, seq_len=None, peak_flops=None, device=None, dtype=torch.bfloat16):
+        """Model FLOPs utilisation: training FLOP/s achieved over the device's peak; None if the peak is unknown."""
+        peak = peak_flops or peak_flops_for(device, dtype)
+        return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
+    """(B, V) logits -> (B, 1) token ids. temperature 0 = greedy; vocab_limit drops padded vocab ids."""
+    if vocab_limit is not None:
+        logits = logits[:, :vocab_limit]  # ids >= vocab_limit are padding the tokenizer cannot decode
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # keep the smallest prefix whose mass reaches top_p: drop a token once those before it cover top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False  # the most likely token always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), num_samples=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs and MFU. Count the matmuls really executed: consumers have no K/V projections, but every
+# layer still attends, so the attention term keeps all n_layer layers (PaLM appendix B, as nanoGPT).
+
+PEAK_FLOPS = [  # dense bf16/fp16 tensor-core peak, FLOP/s, from vendor datasheets; first match wins
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
+]
+
+
+def peak_flops_for(device=None, dtype=torch.bfloat16):
+    """Look up the peak of a CUDA device by name; None for CPUs, unknown GPUs and fp32."""
+    if device is None or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def matmul_params(cfg):
+    """Weights that take part in a matmul per token: attention and MLP projections and the LM head."""
+    n_producers = sum(s == i for i, s in enumerate(resolve_kv_sources(cfg.kv_share, cfg.n_layer)))
+    d, hd = cfg.n_embd, cfg.head_dim
+    q_o = 2 * d * cfg.n_head * hd
+    k_v = 2 * d * cfg.n_kv_head * hd
+    mlp = 3 * d * cfg.intermediate_size
+    return cfg.n_layer * (q_o + mlp) + n_producers * k_v + d * cfg.vocab_size
+
+
+def training_flops_per_token(cfg, seq_len):
+    """Forward + backward FLOPs per token: 6 per matmul weight, plus attention scores and mixing."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read as data only.
+
+def save_checkpoint(path, checkpoint):
+    """torch.save to a temp file then rename: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: train one with train.py or check --out_dir")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
+        raise UsageError(f"checkpoint {path} lacks 'model' or 'model_args': not written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    model = LLaMA(ModelConfig.from_dict(ckpt["model_args"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model

@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import torch
+
+from model import (LLaMA, ModelConfig, kv_cache_bytes, peak_flops_for, resolve_kv_sources,
+                   training_flops_per_token)
+
+SPECS = ["none", "echo:3", "cla:2", "0,0,2,2,2,5"]
+
+
+def tiny(kv_share="none", n_kv_head=2, **kw):
+    cfg = dict(vocab_size=97, block_size=32, n_layer=6, n_head=4, n_kv_head=n_kv_head, n_embd=32, kv_share=kv_share)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return LLaMA(ModelConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n_kv_head", [2, 1], ids=["gqa", "mqa"])
+def test_prefill_and_decode_match_full_forward(spec, n_kv_head):
+    model = tiny(spec, n_kv_head)
+    idx = torch.randint(0, 97, (2, 20))
+    full, _ = model(idx)
+    model.setup_cache(batch_size=2, max_len=32)
+    chunks = [model(idx[:, :12], input_pos=torch.arange(12))[0]]  # prefill 12, then decode one at a time
+    for t in range(12, 20):
+        chunks.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0])
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def naive_greedy(model, idx, n):
+    """Recompute the whole context for every new token (no cache), as nanoGPT samples."""
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n_kv_head", [2, 1], ids=["gqa", "mqa"])
+def test_greedy_generation_equals_recompute_loop(spec, n_kv_head):
+    model = tiny(spec, n_kv_head)
+    with torch.no_grad():  # random init gives flat logits; sharpen them so argmax is not a near tie
+        model.output.weight.mul_(20)
+    idx = torch.randint(0, 97, (2, 5))
+    out = model.generate(idx, max_new_tokens=20, temperature=0)
+    assert out.shape == (2, 25)
+    assert torch.equal(out, naive_greedy(model, idx, 20))
+
+
+def test_generation_past_the_window_slides_instead_of_failing():
+    model = tiny("echo:2")
+    out = model.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=10, temperature=0)
+    assert out.shape == (1, 40)
+
+
+def test_consumers_have_no_kv_weights_and_no_cache_slot():
+    model = tiny("echo:3")
+    assert model.kv_sources == [0, 1, 2, 2, 2, 2]
+    keys = model.state_dict().keys()
+    for i in range(6):
+        has_kv = {f"layers.{i}.attention.wk.weight", f"layers.{i}.attention.wv.weight"} <= set(keys)
+        assert has_kv == (i <= 2), f"layer {i}"
+        assert f"layers.{i}.attention.wq.weight" in keys and f"layers.{i}.attention.wo.weight" in keys
+    model.setup_cache(batch_size=3, max_len=16)
+    assert model.kv_cache.k.shape == (3, 3, 2, 16, 8)  # 3 producer slots, not 6
+    assert not any("kv_cache" in k for k in keys)
+
+
+def closed_form_params(V, L, d, H, KVH, ff, n_producers, tied):
+    hd = d // H
+    per_layer = 2 * d * H * hd + 3 * d * ff + 2 * d  # wq, wo, SwiGLU, two norms
+    return V * d + L * per_layer + n_producers * 2 * d * KVH * hd + d + (0 if tied else V * d)
+
+
+@pytest.mark.parametrize("spec,n_producers", [("none", 6), ("echo:3", 3), ("echo:5", 1), ("cla:2", 3), ("cla:3", 2)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_count_and_cache_bytes_match_closed_form(spec, n_producers, tied):
+    model = tiny(spec, tie_embeddings=tied)
+    ff = model.config.intermediate_size
+    assert model.num_params() == closed_form_params(97, 6, 32, 4, 2, ff, n_producers, tied)
+    model.setup_cache(batch_size=2, max_len=24)
+    assert model.kv_cache.nbytes == 2 * n_producers * 2 * 24 * 2 * 8 * 4  # K,V x producers x B x S x KVH x hd x fp32
+    assert model.kv_cache.nbytes == kv_cache_bytes(model.config, 2, 24, bytes_per_element=4)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_echo_cache_is_exact_fraction_of_baseline(n):
+    base, echo = ModelConfig(n_layer=6), ModelConfig(n_layer=6, kv_share=f"echo:{n}")
+    assert kv_cache_bytes(echo, 4, 100) * 6 == kv_cache_bytes(base, 4, 100) * (6 - n)
+
+
+def test_gradient_reaches_producer_kv_through_consumers():
+    # Silence the producer's own attention output, so its K/V can only affect the loss through consumers.
+    for spec, expect_grad in [("echo:2", True), ("none", False)]:
+        model = tiny(spec).train()
+        with torch.no_grad():
+            model.layers[3].attention.wo.weight.zero_()
+        idx = torch.randint(0, 97, (2, 16))
+        _, loss = model(idx, targets=idx)
+        loss.backward()
+        grad = model.layers[3].attention.wk.weight.grad
+        assert (grad.abs().sum() > 0) == expect_grad, spec
+
+
+def test_flops_count_only_the_kv_projections_that_exist():
+    base, echo = ModelConfig(n_layer=6), ModelConfig(n_layer=6, kv_share="echo:3")
+    kv_proj = 2 * base.n_embd * base.n_kv_head * base.head_dim
+    assert training_flops_per_token(base, 256) - training_flops_per_token(echo, 256) == 6 * 3 * kv_proj
+    model = LLaMA(echo)
+    # attention scores are still computed in all 6 layers
+    assert model.flops_per_token(256) - model.flops_per_token(128) == 12 * 6 * echo.n_head * echo.head_dim * 128
+    assert model.estimate_mfu(1000.0, peak_flops=1e12) == pytest.approx(model.flops_per_token() * 1000 / 1e12)
+    assert model.estimate_mfu(1000.0, device="cpu") is None and peak_flops_for("cpu") is None
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("echo:0", "between 1 and n_layer-1"),
+    ("echo:6", "between 1 and n_layer-1"),
+    ("echo:x", "needs a whole number"),
+    ("cla:0", "between 1 and n_layer"),
+    ("cla:", "needs a whole number"),
+    ("0,0,2", "lists 3 layers but the model has n_layer=6"),
+    ("0,2,2,2,2,2", "layer 1 reads layer 2"),
+    ("0,0,1,1,1,1", "which is itself a consumer"),
+    ("-1,0,0,0,0,0", "a source must be in 0..0"),
+    ("half", "expected 'none', 'echo:N'"),
+])
+def test_bad_kv_share_spec_raises(spec, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_kv_sources(spec, 6)
+    with pytest.raises(ValueError, match=match):
+        LLaMA(ModelConfig(n_layer=6, n_embd=32, n_head=4, vocab_size=10, kv_share=spec))
+
+
+def test_bad_head_counts_raise():
+    with pytest.raises(ValueError, match="n_head=6 is not divisible by n_kv_head=4"):
+        ModelConfig(n_head=6, n_kv_head=4)
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        ModelConfig(n_embd=100, n_head=6)
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({"n_layers": 3})
+
+
+def test_loss_at_init_is_close_to_uniform():
+    model = tiny("echo:3", vocab_size=512)
+    idx, targets = torch.randint(0, 512, (2, 8, 32))  # independent targets: no token predicts itself
+    _, loss = model(idx, targets=targets)
+    assert abs(loss.item() - math.log(512)) < 0.05
+
+
+def test_sequence_longer_than_block_is_rejected():
+    with pytest.raises(ValueError, match="exceeds block_size=32"):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than the context window"):
+        tiny().generate(torch.zeros(1, 33, dtype=torch.long), 1)
