@@ -33,7 +33,7 @@ class ModelConfig:
     n_head: int = 6                # query heads
     n_kv_head: int = 2             # key/value heads (GQA); 1 = multi-query, n_head = multi-head
     n_embd: int = 384
-    intermediate_size: int = 0     # SwiGLU width; 0 = LLaMA's rule, 8/3 * n_embd rounded up to 64
+    intermediate_size: int = 0     # SwiGLU width; 0 = LLaMA's rule, 8/3 * n_embd rounded up to 32
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True    # LM head shares the token-embedding matrix
@@ -48,7 +48,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UsageError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not self.intermediate_size:
-            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
     @property
     def head_dim(self):
@@ -253,9 +253,12 @@ class LLaMA(nn.Module):
         """Preallocate the static KV cache: one slot per producer layer, max_len positions."""
         if max_len > self.config.block_size:
             raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        dtype, device = dtype or self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        c = self.kv_cache
+        if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
+            return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
         self.kv_cache = KVCache(len(self.producers), batch_size, max_len, self.config.n_kv_head,
-                                self.config.head_dim, dtype, self.tok_embeddings.weight.device)
+                                self.config.head_dim, dtype, device)
 
     def forward(self, idx, targets=None, input_pos=None):
         """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).

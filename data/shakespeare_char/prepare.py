@@ -1,0 +1,16 @@
+"""Character-level Tiny Shakespeare: 65 symbols, 90/10 split, uint16 memmaps + meta.json.
+
+    python data/shakespeare_char/prepare.py                 # downloads input.txt
+    python data/shakespeare_char/prepare.py --input PATH    # offline: a local copy of input.txt
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from data.common import char_meta, parse_args, prepare_split_text  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+if __name__ == "__main__":
+    input_path, out_dir = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)))
+    prepare_split_text(URL, input_path, out_dir, char_meta)

@@ -1,0 +1,138 @@
+"""Sample from a checkpoint written by train.py, through the layer-aware KV cache.
+
+    python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=1
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0 --compile=True
+
+One prefill pass over the prompt, then one cached decode step per token (all samples decode together).
+"""
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from data.common import tokenizer_from_meta
+from model import UsageError, kv_cache_bytes, load_checkpoint, model_from_checkpoint
+from train import CUDA, configure
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"             # the checkpoint is {out_dir}/ckpt.pt
+    start: str = "\n"                # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8         # 0 = greedy
+    top_k: int = 200                 # 0 = off
+    top_p: float = 1.0               # nucleus sampling; 1.0 = off
+    seed: int = 1337
+    device: str = "cuda" if CUDA else "cpu"
+    dtype: str = "bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float32"
+    compile: bool = False            # compile the decode step once (worth it for long or repeated runs)
+
+
+def load_model(cfg):
+    """Model (eval mode, on cfg.device in cfg.dtype) and (encode, decode) from {out_dir}/ckpt.pt."""
+    ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", map_location="cpu")
+    if "meta" not in ckpt:
+        raise UsageError(f"checkpoint in {cfg.out_dir} has no data meta: cannot rebuild its tokenizer")
+    model = model_from_checkpoint(ckpt)
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
+    model.eval().to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    return model, ckpt["meta"], tokenizer_from_meta(ckpt["meta"])
+
+
+def prompt_ids(cfg, encode, block_size):
+    text = cfg.start
+    if text.startswith("FILE:"):
+        try:
+            with open(text[5:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError(f"--start={cfg.start}: cannot read the prompt file ({e.strerror})") from None
+    try:
+        ids = encode(text)
+    except ValueError as e:  # a char-level vocabulary names the characters it lacks
+        raise UsageError(str(e)) from None
+    if not ids:
+        raise UsageError("the prompt is empty: give --start some text")
+    if len(ids) > block_size:
+        raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context window "
+                         f"block_size={block_size}; shorten it")
+    return ids
+
+
+def sample(cfg, out=None):
+    """Generate cfg.num_samples continuations. Streams to `out` when there is one sample.
+    Returns (texts, stats) where stats holds the token counts, timings and cache sizes."""
+    if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
+        raise UsageError("max_new_tokens and num_samples must be at least 1")
+    torch.manual_seed(cfg.seed)
+    model, meta, (encode, decode) = load_model(cfg)
+    block = model.config.block_size
+    ids = prompt_ids(cfg, encode, block)
+    if len(ids) + cfg.max_new_tokens > block and out:
+        out.write(f"note: prompt + max_new_tokens = {len(ids) + cfg.max_new_tokens} exceeds the context window "
+                  f"({block}); past it the window slides: the last {block // 2} tokens are re-encoded\n")
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=cfg.device)  # (B, T)
+    step = torch.compile(model, mode="reduce-overhead" if "cuda" in cfg.device else None, fullgraph=True) \
+        if cfg.compile else None
+    sync = torch.cuda.synchronize if "cuda" in cfg.device else (lambda: None)
+    stream = out if cfg.num_samples == 1 else None
+    new, printed = [], 0
+    if stream:
+        stream.write(decode(ids))
+    t0 = time.perf_counter()
+    for n, token in enumerate(model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                                                    cfg.top_p, vocab_limit=meta["vocab_size"], step=step)):
+        new.append(token)
+        if n == 0:
+            sync()
+            t_first = time.perf_counter()
+        if stream:  # print what decodes cleanly so far (a BPE token can end mid-character)
+            text = decode(torch.cat(new, dim=1)[0].tolist())
+            if not text.endswith("\ufffd"):
+                stream.write(text[printed:])
+                stream.flush()
+                printed = len(text)
+    sync()
+    t_end = time.perf_counter()
+    tokens = torch.cat(new, dim=1).tolist()  # (B, max_new_tokens)
+    texts = [decode(ids + row) for row in tokens]
+    elem = model.kv_cache.k.element_size()
+    stats = {
+        "samples": cfg.num_samples, "prompt_tokens": len(ids), "new_tokens": cfg.max_new_tokens,
+        "prefill_tokens_per_s": cfg.num_samples * len(ids) / (t_first - t0),
+        "decode_tokens_per_s": cfg.num_samples * (cfg.max_new_tokens - 1) / max(t_end - t_first, 1e-9),
+        "kv_cache_bytes": model.kv_cache.nbytes,
+        "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none"), cfg.num_samples,
+                                                  model.kv_cache.max_len, elem),
+        "producers": len(model.producers), "n_layer": model.config.n_layer,
+    }
+    return texts, stats
+
+
+def summary(s):
+    return (f"{s['samples'] * s['new_tokens']} tokens ({s['samples']} x {s['new_tokens']}) | prefill "
+            f"{s['prefill_tokens_per_s']:,.0f} tok/s | decode {s['decode_tokens_per_s']:,.1f} tok/s | KV cache "
+            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['producers']} of {s['n_layer']} layers keep K/V; "
+            f"without sharing {s['kv_cache_bytes_unshared'] / 2**20:.2f} MiB)")
+
+
+def main(argv):
+    cfg = configure(SampleConfig(), argv)
+    texts, stats = sample(cfg, out=sys.stdout)
+    if cfg.num_samples == 1:
+        print()
+    else:
+        for text in texts:
+            print(text, "\n" + "-" * 60)
+    print(summary(stats))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UsageError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,111 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as model_module
+from conftest import ROOT, read_log, run, tiny_args
+from model import UsageError, load_checkpoint, save_checkpoint
+from train import TrainConfig, configure
+
+@pytest.mark.parametrize("kv_share", ["none", "echo:1", "cla:2", "0,0,2,2"])
+def test_short_run_loss_falls_and_checkpoint_has_no_consumer_kv(data_dir, tmp_path, kv_share):
+    run(data_dir, tmp_path, kv_share=kv_share, n_layer=4)
+    evals = [r for r in read_log(tmp_path) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    ckpt = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
+    assert ckpt["iter_num"] == 30 and ckpt["meta"]["tokenizer"] == "char"
+    sources = model_module.resolve_kv_sources(kv_share, 4)
+    for i, s in enumerate(sources):
+        assert (f"layers.{i}.attention.wk.weight" in ckpt["model"]) == (s == i)
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    run(data_dir, full, max_iters=20, lr_decay_iters=20, dropout=0.1)
+    run(data_dir, half, max_iters=10, lr_decay_iters=20, dropout=0.1)
+    run(data_dir, half, max_iters=20, lr_decay_iters=20, dropout=0.1, init_from="resume")
+    a, b = load_checkpoint(full / "ckpt.pt"), load_checkpoint(half / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_log(full)[-1]["val_loss"] == read_log(half)[-1]["val_loss"]
+
+
+def test_gradient_accumulation_averages(data_dir, tmp_path):
+    # accumulation 2 x batch 4 and accumulation 1 x batch 8 see the same 8 rows: the same update
+    run(data_dir, tmp_path / "a", batch_size=4, gradient_accumulation_steps=2, max_iters=3, log_interval=1)
+    run(data_dir, tmp_path / "b", batch_size=8, gradient_accumulation_steps=1, max_iters=3, log_interval=1)
+    a, b = load_checkpoint(tmp_path / "a" / "ckpt.pt"), load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-5)
+    la = [r["loss"] for r in read_log(tmp_path / "a") if "loss" in r]
+    lb = [r["loss"] for r in read_log(tmp_path / "b") if "loss" in r]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}})
+    real_save = torch.save
+
+    def crash(obj, f):
+        real_save({"partial": torch.zeros(1)}, f)  # something reached the disk ...
+        raise KeyboardInterrupt                    # ... then the process died
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_args": {}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="corrupt or not a checkpoint"):
+        load_checkpoint(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(UsageError, match="no checkpoint at"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--n_layers=3"], "unknown config key 'n_layers' in --n_layers=3 \\(did you mean 'n_layer'\\?\\)"),
+    (["--n_layer=3.5"], "n_layer=3.5 in --n_layer=3.5: expected int, got float"),
+    (["--learning_rate=fast"], "expected float, got str"),
+    (["--compile=1"], "expected bool, got int"),
+    (["--compile"], "expected --key=value"),
+    (["no_such_config.py"], "config file 'no_such_config.py' not found"),
+])
+def test_bad_settings_are_rejected(argv, match):
+    with pytest.raises(UsageError, match=match):
+        configure(TrainConfig(), argv)
+
+
+def test_settings_apply_in_order(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("n_layer = 3\nlearning_rate = 1\nkv_share = 'echo:1'\n")
+    cfg = configure(TrainConfig(), [str(f), "--n_layer=5", "--kv_share=0,0,2,2,2"])
+    assert (cfg.n_layer, cfg.learning_rate, cfg.kv_share) == (5, 1.0, "0,0,2,2,2")
+    f.write_text("n_layers = 3\n")
+    with pytest.raises(UsageError, match="unknown config key 'n_layers' in .*c.py"):
+        configure(TrainConfig(), [str(f)])
+
+
+def test_cli_errors_are_one_line(data_dir, tmp_path):
+    for argv in (["--n_layers=3"], tiny_args(data_dir, tmp_path, dataset="absent"),
+                 tiny_args(data_dir, tmp_path, kv_share="echo:9"), tiny_args(data_dir, tmp_path, init_from="resume")):
+        r = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ddp_two_processes_gloo(data_dir, tmp_path):
+    argv = tiny_args(data_dir, tmp_path, max_iters=10, gradient_accumulation_steps=2, eval_interval=5)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 processes x 1 accumulation x 4 batch x 32 context" in r.stdout
+    assert "terminate called" not in r.stderr
+    evals = [x for x in read_log(tmp_path) if "val_loss" in x]
+    assert evals[-1]["iter"] == 10 and evals[-1]["val_loss"] < evals[0]["val_loss"]
