@@ -1,0 +1,272 @@
+"""Benchmark kv_share variants of one model shape side by side, on synthetic tokens.
+
+    python bench.py --quick                                    # tiny shape, under a minute on 2 CPU cores
+    python bench.py --preset=gpt2-small --json=bench.json      # on a GPU: bf16 + compile by default
+    python bench.py --preset=tinyllama --variants="none;echo:11" --find_max_batch=True
+
+Training (tokens/s, ms/iter, MFU, peak memory) and inference (prefill, cached decode at batch 1 and a
+larger batch, short and long context, KV bytes per token) are measured in rounds: each round runs every
+variant once, so drift on a noisy machine affects all alike; figures are medians over rounds.
+"""
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+from model import LLaMA, ModelConfig, UsageError, kv_cache_bytes, peak_flops_for, training_flops_per_token
+from train import CUDA, TrainConfig, configure, make_optimizer
+
+PRESETS = {  # model shape and micro-batch
+    "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
+    "shakespeare": dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_kv_head=6, n_embd=384, batch_size=64),
+    "gpt2-small": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+                       batch_size=16),
+    "tinyllama": dict(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
+                      intermediate_size=5632, tie_embeddings=False, batch_size=4),
+}
+
+
+@dataclass
+class BenchConfig(ModelConfig):
+    preset: str = "tiny"
+    variants: str = ""            # ';'-separated kv_share specs; "" = none, echo:L/4, echo:L/2, cla:2
+    batch_size: int = 8           # training micro-batch
+    rounds: int = 5
+    train_steps: int = 10         # timed steps per variant per round, after warmup_steps
+    warmup_steps: int = 3
+    decode_tokens: int = 64
+    decode_batch: int = 8         # the "larger batch" for decode
+    short_prompt: int = 32        # short context; the long one fills the window
+    naive: bool = False           # also time decoding by recomputing the whole context (no cache)
+    find_max_batch: bool = False  # GPU: double the micro-batch until out of memory
+    quick: bool = False           # a small run for a smoke test
+    json: str = ""                # write every figure here
+    device: str = "cuda" if CUDA else "cpu"
+    dtype: str = "bfloat16" if CUDA else "float32"
+    compile: bool = CUDA
+
+
+def parse(argv):
+    """--preset first (it sets the shape), then everything else overrides, as in train.py."""
+    cfg = BenchConfig()
+    configure(cfg, [a for a in argv if a.startswith("--preset=")])
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown preset '{cfg.preset}': choose from {', '.join(PRESETS)}")
+    cfg.intermediate_size = 0  # derived again from the preset's width unless the preset or argv sets it
+    for k, v in PRESETS[cfg.preset].items():
+        setattr(cfg, k, v)
+    if "--quick=True" in argv:
+        cfg = replace(cfg, rounds=3, train_steps=4, warmup_steps=2, decode_tokens=16, short_prompt=16, decode_batch=4)
+    configure(cfg, [a for a in argv if not a.startswith("--preset=")])
+    cfg.__post_init__()  # derive and check the shape after the overrides
+    return cfg
+
+
+def variant_specs(cfg):
+    if cfg.variants:
+        return [v.strip() for v in cfg.variants.split(";")]
+    L = cfg.n_layer
+    return list(dict.fromkeys(["none", f"echo:{max(1, L // 4)}", f"echo:{L // 2}", "cla:2"]))
+
+
+class Timer:
+    """Wall time around a block, waiting for the GPU at both ends."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
+
+    def __enter__(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.t0
+
+
+class Variant:
+    """One kv_share variant: its model (parked on the CPU between turns) and compiled forms."""
+
+    def __init__(self, cfg, spec):
+        model_cfg = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)} | {"kv_share": spec})
+        torch.manual_seed(0)
+        self.spec, self.cfg, self.model = spec, cfg, LLaMA(model_cfg)
+        self.train_fn = torch.compile(self.model) if cfg.compile else self.model
+        mode = "reduce-overhead" if "cuda" in cfg.device else None
+        self.decode_fn = torch.compile(self.model, mode=mode, fullgraph=True) if cfg.compile else None
+
+    def tokens(self, b, t):
+        return torch.randint(0, self.cfg.vocab_size, (b, t), device=self.cfg.device)
+
+    def train_ms(self, batch_size, warmup, steps):
+        """Median ms per training step (forward, backward, AdamW) at this micro-batch."""
+        cfg = self.cfg
+        optimizer = make_optimizer(self.model, TrainConfig())
+        x, y = self.tokens(batch_size, cfg.block_size), self.tokens(batch_size, cfg.block_size)
+        autocast = torch.autocast(device_type="cuda" if "cuda" in cfg.device else "cpu",
+                                  dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+        times = []
+        for i in range(warmup + steps):
+            with Timer(cfg.device) as t:
+                with autocast:
+                    loss = self.train_fn(x, y)[1]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times.append(t.seconds * 1000)
+        return statistics.median(times)
+
+    @torch.no_grad()
+    def generation(self, batch, prompt_len):
+        """(prefill tokens/s, cached decode tokens/s) for a batch of prompt_len-token prompts."""
+        tokens = self.model.generate_tokens(self.tokens(batch, prompt_len), self.cfg.decode_tokens,
+                                            temperature=0, step=self.decode_fn)
+        with Timer(self.cfg.device) as prefill:
+            next(tokens)
+        with Timer(self.cfg.device) as decode:
+            for _ in tokens:
+                pass
+        return batch * prompt_len / prefill.seconds, batch * (self.cfg.decode_tokens - 1) / decode.seconds
+
+    @torch.no_grad()
+    def naive_decode(self, prompt_len):
+        """Tokens/s at batch 1 when each new token recomputes the whole context (how nanoGPT samples)."""
+        idx = self.tokens(1, prompt_len)
+        with Timer(self.cfg.device) as t:
+            for _ in range(self.cfg.decode_tokens):
+                idx = torch.cat((idx, self.model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+        return self.cfg.decode_tokens / t.seconds
+
+    def max_batch(self):
+        """Largest micro-batch, doubling from batch_size, whose training step fits in GPU memory."""
+        b, fits = self.cfg.batch_size, None
+        while b <= 64 * self.cfg.batch_size:
+            try:
+                self.train_ms(b, warmup=0, steps=1)
+                fits, b = b, 2 * b
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        return fits
+
+
+def run(cfg):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # every variant compiles the same forward: allow the recompiles
+    cuda = "cuda" in cfg.device
+    dtype = getattr(torch, cfg.dtype)
+    variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
+    samples = {v.spec: {} for v in variants}
+    if cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
+        raise UsageError(f"short_prompt + decode_tokens = {cfg.short_prompt + cfg.decode_tokens} "
+                         f"exceeds block_size={cfg.block_size}")
+    long_prompt = cfg.block_size - cfg.decode_tokens  # the long context fills the window
+    contexts = [("short", cfg.short_prompt)] + ([("long", long_prompt)] if long_prompt > cfg.short_prompt else [])
+
+    def turn(v, measure):
+        """Run one variant's measurements with its model on the device, then park it."""
+        v.model.to(cfg.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for key, value in measure(v).items():
+            samples[v.spec].setdefault(key, []).append(value)
+        if cuda:
+            samples[v.spec].setdefault("peak_memory_gib", []).append(torch.cuda.max_memory_allocated() / 2**30)
+        v.model.to("cpu")
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def train_round(v):
+        return {"train_ms_per_iter": v.train_ms(cfg.batch_size, cfg.warmup_steps, cfg.train_steps)}
+
+    def inference_round(v):
+        v.model.to(dtype)  # inference runs in the model dtype itself, as sample.py does
+        out = {}
+        for batch in (1, cfg.decode_batch):
+            for context, prompt in contexts:
+                name = f"b{batch}_{context}"
+                out[f"prefill_tok_s_{name}"], out[f"decode_tok_s_{name}"] = v.generation(batch, prompt)
+        if cfg.naive:
+            out["naive_decode_tok_s_b1_short"] = v.naive_decode(cfg.short_prompt)
+        v.model.float()
+        v.model.kv_cache = None  # free it before the next variant's turn
+        return out
+
+    for measure in (train_round, inference_round):
+        for r in range(cfg.rounds):
+            print(f"{measure.__name__.replace('_', ' ')} {r + 1}/{cfg.rounds}", file=sys.stderr)
+            for v in variants:
+                turn(v, measure)
+
+    base_flops = training_flops_per_token(replace(variants[0].model.config, kv_share="none"), cfg.block_size)
+    peak = peak_flops_for(cfg.device, dtype)
+    results = {}
+    for v in variants:
+        r = {k: statistics.median(vals) for k, vals in samples[v.spec].items()}
+        tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)
+        flops = v.model.flops_per_token(cfg.block_size)
+        r.update({
+            "kv_sources": v.model.kv_sources, "params": v.model.num_params(), "train_tok_s": tok_s,
+            "flops_per_token": flops, "baseline_flops_per_token": base_flops,
+            "mfu": flops * tok_s / peak if peak else None,
+            "mfu_baseline_flops": base_flops * tok_s / peak if peak else None,
+            "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize),
+        })
+        if cfg.find_max_batch and cuda:
+            v.model.to(cfg.device)
+            r["max_micro_batch"] = v.max_batch()
+            v.model.to("cpu")
+        results[v.spec] = r
+    return results
+
+
+def table(results, cfg):
+    """Readable rows: each figure and its ratio to the first variant (the baseline)."""
+    base = results[next(iter(results))]
+    rows = [("params (M)", "params", 1e-6), ("train tok/s", "train_tok_s", 1), ("train ms/iter", "train_ms_per_iter", 1),
+            ("MFU % (own FLOPs)", "mfu", 100), ("MFU % (baseline FLOPs)", "mfu_baseline_flops", 100),
+            ("train FLOPs/token (G)", "flops_per_token", 1e-9), ("peak memory GiB", "peak_memory_gib", 1),
+            ("max micro-batch", "max_micro_batch", 1), ("KV-cache bytes/token", "kv_bytes_per_token", 1)]
+    rows += [(k.replace("_tok_s_", " tok/s ").replace("_", " "), k, 1) for k in base
+             if "tok_s_" in k]
+    lines = [f"{'':26}" + "".join(f"{spec:>20}" for spec in results)]
+    for label, key, scale in rows:
+        if base.get(key) is None:
+            continue
+        cells = []
+        for r in results.values():
+            val, ratio = r[key] * scale, (r[key] / base[key] if base[key] else float("nan"))
+            num = f"{val:,.0f}" if abs(val) >= 1000 else f"{val:.4g}"
+            cells.append(f"{num:>12}" + (f" ({ratio:.2f}x)" if r is not base else " " * 8))
+        lines.append(f"{label:26}" + "".join(f"{c:>20}" for c in cells))
+    head = (f"{cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, "
+            f"context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dtype}, compile={cfg.compile}, {device_name(cfg)}")
+    return "\n".join([head] + lines)
+
+
+def device_name(cfg):
+    return torch.cuda.get_device_name(cfg.device) if "cuda" in cfg.device else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv):
+    cfg = parse(argv)
+    results = run(cfg)
+    print(table(results, cfg))
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump({"device": device_name(cfg), "torch": torch.__version__, "config": asdict(cfg),
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UsageError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,37 @@
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+from model import ModelConfig, kv_cache_bytes, training_flops_per_token
+
+
+def test_quick_bench_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench.py", "--quick=True", "--naive=True", f"--json={out}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert {"device", "torch", "config", "results"} <= set(report)
+    cfg, results = report["config"], report["results"]
+    assert list(results) == ["none", "echo:2", "echo:4", "cla:2"] and cfg["n_layer"] == 8
+    shape = ModelConfig(**{k: cfg[k] for k in ModelConfig.__dataclass_fields__ if k != "kv_share"})
+    base = results["none"]
+    for spec, res in results.items():
+        n_producers = len(set(res["kv_sources"]))
+        assert res["kv_bytes_per_token"] == 2 * n_producers * cfg["n_kv_head"] * shape.head_dim * 4  # fp32
+        assert res["kv_bytes_per_token"] / base["kv_bytes_per_token"] == n_producers / cfg["n_layer"]
+        assert res["flops_per_token"] == training_flops_per_token(ModelConfig(**{**shape.__dict__, "kv_share": spec}),
+                                                                  cfg["block_size"])
+        assert res["baseline_flops_per_token"] == base["flops_per_token"]
+        for key in ("train_tok_s", "train_ms_per_iter", "prefill_tok_s_b1_short", "decode_tok_s_b1_short",
+                    "decode_tok_s_b4_long", "naive_decode_tok_s_b1_short"):
+            assert res[key] > 0, key
+        assert res["mfu"] is None  # no peak FLOP/s is known for a CPU: no made-up MFU
+    assert kv_cache_bytes(shape, 1, 1, 4) == base["kv_bytes_per_token"]
+    assert "ratio" not in r.stdout and "(0.50x)" in r.stdout  # the table prints ratios to the baseline
+
+
+def test_bad_preset_is_one_line():
+    r = subprocess.run([sys.executable, "bench.py", "--preset=huge"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == "error: unknown preset 'huge': choose from tiny, shakespeare, gpt2-small, tinyllama"
