@@ -11,7 +11,7 @@ the Hugging Face import.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -246,6 +246,11 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @staticmethod
+    def from_pretrained(path, kv_init="keep", **overrides):
+        """A local Hugging Face LLaMA directory as an LLaMA; see load_hf_llama."""
+        return load_hf_llama(path, kv_init, **overrides)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
@@ -409,3 +414,122 @@ def model_from_checkpoint(ckpt):
     except RuntimeError as e:
         raise UsageError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion between kv_share specs (how a pretrained model becomes an ECHO model)
+
+def convert_kv_share(model, spec, kv_init="keep"):
+    """A new model with kv_share=spec and the weights of `model`. Layers that become consumers lose their
+    K/V weights. A producer's K/V start as its own ('keep') or as the mean of the K/V weights of every
+    layer that will read it ('mean', as MLKV and LCKV initialise a shared projection)."""
+    if kv_init not in ("keep", "mean"):
+        raise UsageError(f"kv_init={kv_init!r}: expected 'keep' or 'mean'")
+    weight = model.tok_embeddings.weight
+    with torch.device(weight.device):
+        new = LLaMA(replace(model.config, kv_share=spec)).to(weight.dtype)
+    old = model.state_dict()
+    state = {k: v for k, v in old.items() if ".attention.wk." not in k and ".attention.wv." not in k}
+    for p in new.producers:
+        readers = [i for i, s in enumerate(new.kv_sources) if s == p] if kv_init == "mean" else [p]
+        for w in ("wk", "wv"):  # the projection layer i used so far is its old source's
+            used = [old[f"layers.{model.kv_sources[i]}.attention.{w}.weight"] for i in readers]
+            state[f"layers.{p}.attention.{w}.weight"] = torch.stack(used).mean(0)
+    new.load_state_dict(state)
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------
+# Importing a Hugging Face LLaMA (local directory: config.json + safetensors or pytorch_model.bin)
+
+HF_RENAMES = [("model.", ""), ("embed_tokens", "tok_embeddings"), ("lm_head", "output"),
+              ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"),
+              ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+              ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+              ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
+              ("mlp.down_proj", "feed_forward.w2")]
+
+
+def hf_config(path):
+    """ModelConfig from a Hugging Face LLaMA config.json; anything this model cannot represent is an error."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UsageError(f"{path}: no config.json (expected a local Hugging Face LLaMA directory)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    arch = hf.get("architectures") or [hf.get("model_type")]
+    if "LlamaForCausalLM" not in arch:
+        raise UsageError(f"{path}: architecture {arch} is not supported, only LlamaForCausalLM")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 5 writes rope_parameters
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UsageError(f"{path}: rope scaling {rope} is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+        raise UsageError(f"{path}: biases or an activation other than silu are not supported")
+    n_head = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // n_head) != hf["hidden_size"] // n_head:
+        raise UsageError(f"{path}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
+    rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+                       n_layer=hf["num_hidden_layers"], n_head=n_head,
+                       n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
+                       intermediate_size=hf["intermediate_size"], rope_theta=float(rope_theta),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings")))
+
+
+def hf_weights(path):
+    """All tensors of the checkpoint, from safetensors (one file or an index of shards) or pytorch_model.bin."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(path, single)):
+            files = [single]
+        else:
+            continue
+        tensors = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise UsageError(f"{path}: the index lists {name}, which is missing")
+            if name.endswith(".safetensors"):
+                try:
+                    from safetensors.torch import load_file
+                except ImportError:
+                    raise UsageError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+                tensors.update(load_file(file))
+            else:
+                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+        return tensors
+    raise UsageError(f"{path}: no model.safetensors, pytorch_model.bin or an index of their shards")
+
+
+def load_hf_llama(path, kv_init="keep", **overrides):
+    """Load a local Hugging Face LLaMA (e.g. TinyLlama-1.1B). overrides: ModelConfig fields; a kv_share
+    other than 'none' converts the model with convert_kv_share(kv_init) after loading."""
+    config = hf_config(path)
+    spec = overrides.pop("kv_share", "none")
+    config = ModelConfig.from_dict({**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
+    model = LLaMA(config)
+    expected = model.state_dict()
+    state = {}
+    for hf_name, tensor in hf_weights(path).items():
+        if "rotary_emb" in hf_name:
+            continue  # recomputed, not learned
+        name = hf_name
+        for a, b in HF_RENAMES:
+            name = name.replace(a, b)
+        if name not in expected:
+            raise UsageError(f"{path}: unexpected weight {hf_name}")
+        if tensor.shape != expected[name].shape:
+            raise UsageError(f"{path}: {hf_name} has shape {tuple(tensor.shape)}, but config.json implies "
+                             f"{tuple(expected[name].shape)}")
+        state[name] = tensor
+    if config.tie_embeddings:
+        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise UsageError(f"{path}: missing weight(s) {', '.join(missing[:3])}")
+    model.load_state_dict(state)
+    return model if spec == "none" else convert_kv_share(model, spec, kv_init)
+

@@ -11,14 +11,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from data.common import tokenizer_from_meta
-from model import UsageError, kv_cache_bytes, load_checkpoint, model_from_checkpoint
+from data.common import hf_meta, tokenizer_from_meta
+from model import LLaMA, UsageError, kv_cache_bytes, load_checkpoint, model_from_checkpoint
 from train import CUDA, configure
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"             # the checkpoint is {out_dir}/ckpt.pt
+    out_dir: str = "out"             # the checkpoint is {out_dir}/ckpt.pt ...
+    init_from: str = "resume"        # ... or 'hf:PATH': an imported Hugging Face LLaMA and its tokenizer.json
     start: str = "\n"                # the prompt, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -32,15 +33,20 @@ class SampleConfig:
 
 
 def load_model(cfg):
-    """Model (eval mode, on cfg.device in cfg.dtype) and (encode, decode) from {out_dir}/ckpt.pt."""
-    ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", map_location="cpu")
-    if "meta" not in ckpt:
-        raise UsageError(f"checkpoint in {cfg.out_dir} has no data meta: cannot rebuild its tokenizer")
-    model = model_from_checkpoint(ckpt)
+    """Model (eval mode, on cfg.device in cfg.dtype), its data meta, and (encode, decode)."""
+    if cfg.init_from.startswith("hf:"):
+        model, meta = LLaMA.from_pretrained(cfg.init_from[3:]), hf_meta(cfg.init_from[3:])
+    elif cfg.init_from == "resume":
+        ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", map_location="cpu")
+        if "meta" not in ckpt:
+            raise UsageError(f"checkpoint in {cfg.out_dir} has no data meta: cannot rebuild its tokenizer")
+        model, meta = model_from_checkpoint(ckpt), ckpt["meta"]
+    else:
+        raise UsageError(f"init_from={cfg.init_from!r}: expected resume or hf:PATH")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
     model.eval().to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
-    return model, ckpt["meta"], tokenizer_from_meta(ckpt["meta"])
+    return model, meta, tokenizer_from_meta(meta)
 
 
 def prompt_ids(cfg, encode, block_size):

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import LLaMA, ModelConfig, UsageError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import (LLaMA, ModelConfig, UsageError, convert_kv_share, load_checkpoint, model_from_checkpoint,
+                   resolve_kv_sources, save_checkpoint)
 
 CUDA = torch.cuda.is_available()
 
@@ -34,7 +35,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     always_save_checkpoint: bool = True   # save at every eval, not only when val loss improves
-    init_from: str = "scratch"            # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = "scratch"            # 'scratch', 'resume' (out_dir/ckpt.pt), 'ckpt:DIR' or 'hf:PATH' (fine-tune)
     seed: int = 1337
     # data: {data_dir}/{dataset}/train.bin, val.bin, meta.json from data/*/prepare.py
     dataset: str = "shakespeare_char"
@@ -52,7 +53,12 @@ class TrainConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
-    kv_share: str = "none"
+    kv_share: str = "none"                # with ckpt:/hf:, the loaded model is converted to this spec
+    # converting to K/V sharing (see README): one shot via kv_share, or layer-wise via kv_share_target
+    kv_init: str = "keep"                 # a producer's K/V start as its own ('keep') or its readers' mean ('mean')
+    kv_share_target: str = ""             # e.g. 'echo:4': convert its consumers top-down in stages of 1, 2, 4, ...
+    adapt_iters: int = 0                  # iterations per stage; after the stages, full fine-tuning to max_iters
+    adapt_freeze: bool = False            # during the stages, train only the converted layers (+ producers' K/V)
     # AdamW, linear warmup then cosine decay to min_lr
     learning_rate: float = 1e-3
     max_iters: int = 2000
@@ -185,6 +191,61 @@ def estimate_loss(model, data, cfg, device, autocast):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Where the model comes from, and the layer-wise conversion schedule
+
+def initial_model(cfg, meta):
+    """(model, checkpoint or None) as init_from says; a fine-tuned model must share the data's tokenizer."""
+    if cfg.init_from == "scratch":
+        vocab = meta["vocab_size"]
+        if vocab >= 6400:  # pad a large vocabulary to a multiple of 64 (faster matmuls; under 1% more rows)
+            vocab = 64 * math.ceil(vocab / 64)
+        return LLaMA(model_config(cfg, vocab)), None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        return model_from_checkpoint(ckpt), ckpt
+    if cfg.init_from.startswith("ckpt:"):
+        source = load_checkpoint(os.path.join(cfg.init_from[5:], "ckpt.pt"))
+        same = ("tokenizer", "vocab_size", "itos", "tokenizer_json")
+        if any(source["meta"].get(k) != meta.get(k) for k in same):
+            raise UsageError(f"{cfg.init_from} was trained on other tokens than dataset '{cfg.dataset}'")
+        model = model_from_checkpoint(source)
+    elif cfg.init_from.startswith("hf:"):
+        model = LLaMA.from_pretrained(cfg.init_from[3:])
+        if meta["tokenizer"] != "hf" or meta["vocab_size"] > model.config.vocab_size:
+            raise UsageError(f"dataset '{cfg.dataset}' is not tokenized for {cfg.init_from}: prepare it "
+                             f"with --tokenizer={cfg.init_from}")
+    else:
+        raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR or hf:PATH")
+    if not cfg.kv_share_target and model.kv_sources != resolve_kv_sources(cfg.kv_share, model.config.n_layer):
+        model = convert_kv_share(model, cfg.kv_share, cfg.kv_init)  # one-shot conversion
+    return model, None
+
+
+def adaptation_stages(start, target_spec):
+    """kv_sources for each stage: the target's consumers converted from the top layer down, 1, 2, 4, ...
+    at a time, ending with all of them. Layers not yet converted keep their sources from `start`."""
+    target = resolve_kv_sources(target_spec, len(start))
+    consumers = [i for i in reversed(range(len(start))) if target[i] != i]
+    counts = [2 ** k for k in range(len(consumers).bit_length()) if 2 ** k < len(consumers)] + [len(consumers)]
+    return [[target[i] if i in consumers[:c] else s for i, s in enumerate(start)] for c in counts]
+
+
+def enter_stage(model, stages, stage, cfg):
+    """Convert the model to the stage's kv_sources (if it is not there yet) and set what trains.
+    Stage len(stages) is the final full fine-tuning at the target."""
+    sources = stages[min(stage, len(stages) - 1)]
+    if model.kv_sources != sources:
+        model = convert_kv_share(model, ",".join(map(str, sources)), cfg.kv_init)
+    freeze = cfg.adapt_freeze and stage < len(stages)
+    converted = {i for i, s in enumerate(sources) if s != i}  # the layers reading another layer's K/V
+    trainable_kv = {f"layers.{sources[i]}.attention.{w}." for i in converted for w in ("wk", "wv")}
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        p.requires_grad_(not freeze or layer in converted or any(name.startswith(k) for k in trainable_kv))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def train(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -212,43 +273,46 @@ def train(cfg):
 
     data, meta = load_dataset(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    iter_num, best_val_loss = 0, float("inf")
-    if cfg.init_from == "scratch":
-        vocab = meta["vocab_size"]
-        if vocab >= 6400:  # pad a large vocabulary to a multiple of 64 (faster matmuls; under 1% more rows)
-            vocab = 64 * math.ceil(vocab / 64)
-        model = LLaMA(model_config(cfg, vocab))
-    elif cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        model = model_from_checkpoint(ckpt)
-        for k, v in ckpt["model_args"].items():  # the checkpoint's shape wins over the settings
-            if hasattr(cfg, k) and k != "vocab_size":
+    model, ckpt = initial_model(cfg, meta)
+    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    if cfg.init_from != "scratch":  # the model's shape wins over the settings
+        for k, v in asdict(model.config).items():
+            if k not in ("vocab_size", "block_size", "dropout"):
                 setattr(cfg, k, v)
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["rng_state"])
-    else:
-        raise UsageError(f"init_from={cfg.init_from!r}: expected 'scratch' or 'resume'")
     if cfg.block_size > model.config.block_size:
         raise UsageError(f"block_size={cfg.block_size} exceeds the model's context {model.config.block_size}")
-    model.to(cfg.device)
-    raw_model = model  # the plain module: its state_dict is what checkpoints hold
-    optimizer = make_optimizer(model, cfg)
-    if cfg.init_from == "resume":
+    # layer-wise conversion: a list of stages (one stage, the model as it is, without a target)
+    stages = ckpt.get("adapt_stages") if ckpt else None
+    stages = stages or (adaptation_stages(model.kv_sources, cfg.kv_share_target) if cfg.kv_share_target
+                        else [model.kv_sources])
+
+    def stage_at(it):
+        return min(it // cfg.adapt_iters, len(stages)) if cfg.adapt_iters else len(stages)
+
+    def setup(model, stage):
+        """Enter the stage; return (raw model, training model, eval model, fresh optimizer)."""
+        raw = enter_stage(model, stages, stage, cfg).to(cfg.device)  # the plain module: checkpoints save it
+        optimizer = make_optimizer(raw, cfg)
+        model = torch.compile(raw) if cfg.compile else raw
+        if ddp:
+            model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+        return raw, model, (model.module if ddp else model), optimizer
+
+    stage = ckpt.get("stage", stage_at(iter_num)) if ckpt else stage_at(iter_num)  # the optimizer state's stage
+    raw_model, model, eval_model, optimizer = setup(model, stage)
+    if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_state"])
         del ckpt
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-    eval_model = model.module if ddp else model
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        shared = sum(s != i for i, s in enumerate(raw_model.kv_sources))
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_share={cfg.kv_share} "
-              f"({shared} of {cfg.n_layer} layers read another layer's K/V), kv_sources={raw_model.kv_sources}")
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_sources={raw_model.kv_sources}")
+        if cfg.kv_share_target:
+            print(f"layer-wise conversion to {cfg.kv_share_target}: {len(stages)} stages of {cfg.adapt_iters} "
+                  f"iterations, then full fine-tuning; stage kv_sources: {stages}")
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
         log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.init_from == "resume" else "w")
@@ -257,14 +321,16 @@ def train(cfg):
         save_checkpoint(ckpt_path, {
             "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "config": asdict(cfg), "meta": meta, "rng_state": torch.get_rng_state()})
+            "config": asdict(cfg), "meta": meta, "rng_state": torch.get_rng_state(),
+            "adapt_stages": stages, "stage": stage})
 
     t0, window_iters = time.time(), 0
     while True:
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             losses = estimate_loss(eval_model, data, cfg, cfg.device, autocast)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+            log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                  "stage": stage, "kv_sources": raw_model.kv_sources}) + "\n")
             log.flush()
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
@@ -273,6 +339,12 @@ def train(cfg):
             t0, window_iters = time.time(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
             break
+        if stage_at(iter_num) != stage:  # next adaptation stage: convert more layers, fresh optimizer
+            stage = stage_at(iter_num)
+            raw_model, model, eval_model, optimizer = setup(raw_model, stage)
+            if master:
+                print(f"stage {stage}: kv_sources={raw_model.kv_sources}"
+                      + (" (full fine-tuning)" if stage == len(stages) else ""))
 
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -302,11 +374,13 @@ def train(cfg):
             lossf = iter_loss.item()  # .item() waits for the GPU, so only at log time
             dt = (time.time() - t0) / window_iters
             tokens_per_s = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tokens_per_s / world, cfg.block_size, device=cfg.device, dtype=ptdtype)
+            frozen = any(not p.requires_grad for p in raw_model.parameters())  # FLOP count assumes full backward
+            mfu = None if frozen else raw_model.estimate_mfu(tokens_per_s / world, cfg.block_size,
+                                                             device=cfg.device, dtype=ptdtype)
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                   f"{tokens_per_s:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))
             log.write(json.dumps({"iter": iter_num, "loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s,
-                                  "mfu": mfu}) + "\n")
+                                  "mfu": mfu, "stage": stage}) + "\n")
             t0, window_iters = time.time(), 0
 
     if master:

@@ -41,6 +41,31 @@ def gpt2_meta():
     return {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
 
 
+def hf_meta(path):
+    """A Hugging Face tokenizer.json (e.g. an imported LLaMA's), embedded whole so checkpoints carry it."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise SystemExit(f"error: no tokenizer.json at {path}")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise SystemExit("error: a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    tok = Tokenizer.from_str(text)
+    eos = next((tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<|end_of_text|>") if tok.token_to_id(t) is not None), None)
+    return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "eot": eos, "tokenizer_json": text}
+
+
+def bpe_meta(name):
+    """--tokenizer: 'gpt2' (tiktoken) or 'hf:PATH' (the tokenizer.json of an imported model)."""
+    if name == "gpt2":
+        return gpt2_meta()
+    if name.startswith("hf:"):
+        return hf_meta(name[3:])
+    raise SystemExit(f"error: --tokenizer {name!r}: expected gpt2 or hf:PATH")
+
+
 def tokenizer_from_meta(meta):
     """(encode: str -> list[int], decode: list[int] -> str) for a dataset's meta."""
     kind = meta.get("tokenizer")
@@ -58,6 +83,16 @@ def tokenizer_from_meta(meta):
         import tiktoken
         enc = tiktoken.get_encoding("gpt2")
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+    if kind == "hf":
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(meta["tokenizer_json"])
+
+        def encode(s):  # documents separated by <|endoftext|> get the tokenizer's end-of-text id
+            ids = []
+            for i, doc in enumerate(s.split("<|endoftext|>")):
+                ids += ([meta["eot"]] if i and meta["eot"] is not None else []) + tok.encode(doc, add_special_tokens=False).ids
+            return ids
+        return encode, lambda ids: tok.decode(ids, skip_special_tokens=False)
     raise ValueError(f"unknown tokenizer {kind!r} in dataset meta")
 
 
@@ -112,12 +147,15 @@ def prepare_split_text(url, input_path, out_dir, make_meta):
     write_dataset(out_dir, make_meta(text), chunked(text[:n]), chunked(text[n:]))
 
 
-def parse_args(argv, default_out_dir):
-    """The prepare scripts' flags: --input PATH (a local copy of the source), --out_dir DIR (where to write)."""
+def parse_args(argv, default_out_dir, bpe=False):
+    """The prepare scripts' flags: --input PATH (a local copy of the source), --out_dir DIR (where to write),
+    and for BPE datasets --tokenizer. Returns (input, out_dir) or, with bpe, (input, out_dir, meta)."""
     import argparse
     p = argparse.ArgumentParser(description="Prepare a dataset (downloads its source unless --input is given).")
     p.add_argument("--input", help="local copy of the source, for offline machines")
     p.add_argument("--out_dir", default=default_out_dir, help="where train.bin, val.bin, meta.json go")
+    if bpe:
+        p.add_argument("--tokenizer", default="gpt2", help="gpt2, or hf:PATH for an imported model's tokenizer.json")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    return args.input, args.out_dir
+    return (args.input, args.out_dir, bpe_meta(args.tokenizer)) if bpe else (args.input, args.out_dir)

@@ -3,12 +3,13 @@ size for a single-GPU run. Stories end with <|endoftext|>, which becomes GPT-2's
 
     python data/tinystories/prepare.py                # downloads both files (about 2.2 GB)
     python data/tinystories/prepare.py --input DIR    # offline: DIR holds the two .txt files named below
+    python data/tinystories/prepare.py --tokenizer=hf:PATH   # an imported model's tokenizer (e.g. TinyLlama)
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from data.common import fetch_text, gpt2_meta, parse_args, write_dataset  # noqa: E402
+from data.common import fetch_text, parse_args, write_dataset  # noqa: E402
 
 BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 FILES = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
@@ -27,7 +28,7 @@ def read_chunks(path, size=1 << 22):
 
 
 if __name__ == "__main__":
-    local, out_dir = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)))
+    local, out_dir, meta = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)), bpe=True)
     paths = {split: fetch_text(BASE + name, local and os.path.join(local, name), os.path.join(out_dir, name))
              for split, name in FILES.items()}
-    write_dataset(out_dir, gpt2_meta(), read_chunks(paths["train"]), read_chunks(paths["val"]))
+    write_dataset(out_dir, meta, read_chunks(paths["train"]), read_chunks(paths["val"]))
