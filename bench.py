@@ -50,18 +50,19 @@ class BenchConfig(ModelConfig):
     compile: bool = CUDA
 
 
+QUICK = dict(rounds=3, train_steps=4, warmup_steps=2, decode_tokens=16, short_prompt=16, decode_batch=4)
+
+
 def parse(argv):
-    """--preset first (it sets the shape), then everything else overrides, as in train.py."""
+    """The preset sets the shape (and --quick=True a short run); then argv overrides, as in train.py."""
+    first = configure(BenchConfig(), argv)  # a first pass only to learn the preset and --quick
+    if first.preset not in PRESETS:
+        raise UsageError(f"unknown preset '{first.preset}': choose from {', '.join(PRESETS)}")
     cfg = BenchConfig()
-    configure(cfg, [a for a in argv if a.startswith("--preset=")])
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown preset '{cfg.preset}': choose from {', '.join(PRESETS)}")
-    cfg.intermediate_size = 0  # derived again from the preset's width unless the preset or argv sets it
-    for k, v in PRESETS[cfg.preset].items():
+    cfg.intermediate_size = 0  # re-derived from the final width unless the preset or argv sets it
+    for k, v in {**PRESETS[first.preset], **(QUICK if first.quick else {})}.items():
         setattr(cfg, k, v)
-    if "--quick=True" in argv:
-        cfg = replace(cfg, rounds=3, train_steps=4, warmup_steps=2, decode_tokens=16, short_prompt=16, decode_batch=4)
-    configure(cfg, [a for a in argv if not a.startswith("--preset=")])
+    configure(cfg, argv)
     cfg.__post_init__()  # derive and check the shape after the overrides
     return cfg
 
@@ -125,8 +126,12 @@ class Variant:
     @torch.no_grad()
     def generation(self, batch, prompt_len):
         """(prefill tokens/s, cached decode tokens/s) for a batch of prompt_len-token prompts."""
-        tokens = self.model.generate_tokens(self.tokens(batch, prompt_len), self.cfg.decode_tokens,
-                                            temperature=0, step=self.decode_fn)
+        prompt = self.tokens(batch, prompt_len)
+        run = lambda: self.model.generate_tokens(prompt, self.cfg.decode_tokens, temperature=0,  # noqa: E731
+                                                 step=self.decode_fn)
+        for _ in zip(range(3), run()):  # untimed warm-up on the same cache: compiling, CUDA-graph recording
+            pass
+        tokens = run()
         with Timer(self.cfg.device) as prefill:
             next(tokens)
         with Timer(self.cfg.device) as decode:
@@ -252,7 +257,14 @@ def table(results, cfg):
 
 
 def device_name(cfg):
-    return torch.cuda.get_device_name(cfg.device) if "cuda" in cfg.device else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if "cuda" in cfg.device:
+        return torch.cuda.get_device_name(cfg.device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def main(argv):

@@ -303,7 +303,7 @@ class LLaMA(nn.Module):
         if T == 0:
             raise UsageError("prompt is empty: give at least one token")
         self.setup_cache(B, min(block, T + max_new_tokens))
-        step = step or self
+        step = self if step is None else step
         context = idx
         logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
         for n in range(max_new_tokens):

@@ -82,9 +82,17 @@ def sample(cfg, out=None):
         out.write(f"note: prompt + max_new_tokens = {len(ids) + cfg.max_new_tokens} exceeds the context window "
                   f"({block}); past it the window slides: the last {block // 2} tokens are re-encoded\n")
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=cfg.device)  # (B, T)
-    step = torch.compile(model, mode="reduce-overhead" if "cuda" in cfg.device else None, fullgraph=True) \
-        if cfg.compile else None
     sync = torch.cuda.synchronize if "cuda" in cfg.device else (lambda: None)
+    step = None
+    if cfg.compile:  # compile the one-token decode step now, on the cache generation will use, so it is not timed
+        step = torch.compile(model, mode="reduce-overhead" if "cuda" in cfg.device else None, fullgraph=True)
+        t = time.perf_counter()
+        model.setup_cache(cfg.num_samples, min(block, len(ids) + cfg.max_new_tokens))
+        with torch.no_grad():  # as in generation: grad mode is part of what the compiled graph assumes
+            step(idx[:, :1].contiguous(), input_pos=torch.tensor([0], device=cfg.device))  # prefill rewrites position 0
+        sync()
+        if out:
+            out.write(f"note: compiled the decode step in {time.perf_counter() - t:.1f} s\n")
     stream = out if cfg.num_samples == 1 else None
     new, printed = [], 0
     if stream:

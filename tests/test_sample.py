@@ -40,6 +40,14 @@ def test_greedy_is_deterministic_and_equals_uncached_greedy(ckpt_dir):
     assert texts[0] == decode(idx[0].tolist())
 
 
+def test_compiled_decode_step_compiles_once_and_matches_eager(ckpt_dir):
+    eager, _ = sample(cfg(ckpt_dir, temperature=0.0))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile per token or sample would raise
+        compiled, _ = sample(cfg(ckpt_dir, temperature=0.0, compile=True))
+    assert compiled == eager
+
+
 def test_summary_reports_cache_bytes_by_formula(ckpt_dir):
     _, stats = sample(cfg(ckpt_dir, num_samples=3, max_new_tokens=10))
     model_cfg = model_from_checkpoint(load_checkpoint(os.path.join(ckpt_dir, "ckpt.pt"))).config
