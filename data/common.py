@@ -104,13 +104,13 @@ def id_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
 
 
-def write_tokens(chunks, encode, path, vocab_size, desc=None):
+def write_tokens(chunks, encode, path, vocab_size):
     """Encode text chunks one by one (a progress bar over them) and append the ids to a flat file.
     Returns the number of tokens. An id outside the vocabulary is an error, never a wrap-around."""
     dtype = id_dtype(vocab_size)
     n = 0
     with open(path + ".tmp", "wb") as f:
-        for chunk in tqdm(chunks, desc=desc or os.path.basename(path), unit="chunk", leave=False):
+        for chunk in tqdm(chunks, desc=os.path.basename(path), unit="chunk", leave=False):
             ids = np.asarray(encode(chunk), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise SystemExit(f"error: token id {ids.max()} does not fit the vocabulary of {vocab_size}")
