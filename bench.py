@@ -13,12 +13,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from model import LLaMA, ModelConfig, UsageError, kv_cache_bytes, peak_flops_for, training_flops_per_token
-from train import CUDA, TrainConfig, configure, make_optimizer
+from model import (LLaMA, ModelConfig, UsageError, compile_decode_step, kv_cache_bytes, peak_flops_for,
+                   training_flops_per_token)
+from train import CUDA, TrainConfig, configure, make_optimizer, model_config, precision
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -94,12 +95,11 @@ class Variant:
     """One kv_share variant: its model (parked on the CPU between turns) and compiled forms."""
 
     def __init__(self, cfg, spec):
-        model_cfg = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)} | {"kv_share": spec})
         torch.manual_seed(0)
-        self.spec, self.cfg, self.model = spec, cfg, LLaMA(model_cfg)
+        self.spec, self.cfg = spec, cfg
+        self.model = LLaMA(replace(model_config(cfg, cfg.vocab_size), kv_share=spec))
         self.train_fn = torch.compile(self.model) if cfg.compile else self.model
-        mode = "reduce-overhead" if "cuda" in cfg.device else None
-        self.decode_fn = torch.compile(self.model, mode=mode, fullgraph=True) if cfg.compile else None
+        self.decode_fn = compile_decode_step(self.model, cfg.device) if cfg.compile else None
 
     def tokens(self, b, t):
         return torch.randint(0, self.cfg.vocab_size, (b, t), device=self.cfg.device)
@@ -109,8 +109,7 @@ class Variant:
         cfg = self.cfg
         optimizer = make_optimizer(self.model, TrainConfig())
         x, y = self.tokens(batch_size, cfg.block_size), self.tokens(batch_size, cfg.block_size)
-        autocast = torch.autocast(device_type="cuda" if "cuda" in cfg.device else "cpu",
-                                  dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+        autocast = precision(cfg.device, cfg.dtype)[1]
         times = []
         for i in range(warmup + steps):
             with Timer(cfg.device) as t:
@@ -166,7 +165,7 @@ def run(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # every variant compiles the same forward: allow the recompiles
     cuda = "cuda" in cfg.device
-    dtype = getattr(torch, cfg.dtype)
+    dtype = precision(cfg.device, cfg.dtype)[0]
     variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
     samples = {v.spec: {} for v in variants}
     if cfg.short_prompt + cfg.decode_tokens > cfg.block_size:

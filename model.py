@@ -212,10 +212,14 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
+def n_producers(cfg):
+    """How many layers compute (and cache) their own K/V."""
+    return sum(s == i for i, s in enumerate(resolve_kv_sources(cfg.kv_share, cfg.n_layer)))
+
+
 def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
     """Closed form: 2 (K and V) x producers x batch x positions x KV heads x head_dim x element size."""
-    n_producers = sum(s == i for i, s in enumerate(resolve_kv_sources(cfg.kv_share, cfg.n_layer)))
-    return 2 * n_producers * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
+    return 2 * n_producers(cfg) * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,6 +337,13 @@ class LLaMA(nn.Module):
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
 
 
+def compile_decode_step(model, device):
+    """torch.compile the one-token decode step: one whole graph with static shapes (the cache is written
+    in place at input_pos), replayed as a CUDA graph on a GPU."""
+    return torch.compile(model, mode="reduce-overhead" if torch.device(device).type == "cuda" else None,
+                         fullgraph=True)
+
+
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
     """(B, V) logits -> (B, 1) token ids. temperature 0 = greedy; vocab_limit drops padded vocab ids."""
     if vocab_limit is not None:
@@ -372,12 +383,11 @@ def peak_flops_for(device=None, dtype=torch.bfloat16):
 
 def matmul_params(cfg):
     """Weights that take part in a matmul per token: attention and MLP projections and the LM head."""
-    n_producers = sum(s == i for i, s in enumerate(resolve_kv_sources(cfg.kv_share, cfg.n_layer)))
     d, hd = cfg.n_embd, cfg.head_dim
     q_o = 2 * d * cfg.n_head * hd
     k_v = 2 * d * cfg.n_kv_head * hd
     mlp = 3 * d * cfg.intermediate_size
-    return cfg.n_layer * (q_o + mlp) + n_producers * k_v + d * cfg.vocab_size
+    return cfg.n_layer * (q_o + mlp) + n_producers(cfg) * k_v + d * cfg.vocab_size
 
 
 def training_flops_per_token(cfg, seq_len):

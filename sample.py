@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from data.common import hf_meta, tokenizer_from_meta
-from model import LLaMA, UsageError, kv_cache_bytes, load_checkpoint, model_from_checkpoint
-from train import CUDA, configure
+from model import LLaMA, UsageError, compile_decode_step, kv_cache_bytes, load_checkpoint, model_from_checkpoint
+from train import CUDA, configure, precision
 
 
 @dataclass
@@ -43,9 +43,7 @@ def load_model(cfg):
         model, meta = model_from_checkpoint(ckpt), ckpt["meta"]
     else:
         raise UsageError(f"init_from={cfg.init_from!r}: expected resume or hf:PATH")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
-    model.eval().to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    model.eval().to(device=cfg.device, dtype=precision(cfg.device, cfg.dtype)[0])
     return model, meta, tokenizer_from_meta(meta)
 
 
@@ -85,7 +83,7 @@ def sample(cfg, out=None):
     sync = torch.cuda.synchronize if "cuda" in cfg.device else (lambda: None)
     step = None
     if cfg.compile:  # compile the one-token decode step now, on the cache generation will use, so it is not timed
-        step = torch.compile(model, mode="reduce-overhead" if "cuda" in cfg.device else None, fullgraph=True)
+        step = compile_decode_step(model, cfg.device)
         t = time.perf_counter()
         model.setup_cache(cfg.num_samples, min(block, len(ids) + cfg.max_new_tokens))
         with torch.no_grad():  # as in generation: grad mode is part of what the compiled graph assumes

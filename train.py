@@ -114,6 +114,15 @@ def configure(cfg, argv):
     return cfg
 
 
+def precision(device, dtype):
+    """(torch dtype, autocast context) for a dtype name; float32 runs without autocast."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    ptdtype = getattr(torch, dtype)
+    device_type = torch.device(device).type
+    return ptdtype, (contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype))
+
+
 def model_config(cfg, vocab_size):
     names = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
     return ModelConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
@@ -174,7 +183,7 @@ def get_lr(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, device, autocast):
+def estimate_loss(model, data, cfg, autocast):
     """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
     model.eval()
     out = {}
@@ -184,7 +193,7 @@ def estimate_loss(model, data, cfg, device, autocast):
         for _ in range(cfg.eval_iters):
             x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, g)
             with autocast:
-                losses.append(model(x.to(device), y.to(device))[1].item())
+                losses.append(model(x.to(cfg.device), y.to(cfg.device))[1].item())
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -263,11 +272,7 @@ def train(cfg):
                          f"is not divisible by the {world} processes")
     accum = cfg.gradient_accumulation_steps // world
     device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
-    ptdtype = getattr(torch, cfg.dtype)
-    autocast = (contextlib.nullcontext() if cfg.dtype == "float32"
-                else torch.autocast(device_type=device_type, dtype=ptdtype))
+    ptdtype, autocast = precision(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -327,7 +332,7 @@ def train(cfg):
     t0, window_iters = time.time(), 0
     while True:
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
-            losses = estimate_loss(eval_model, data, cfg, cfg.device, autocast)
+            losses = estimate_loss(eval_model, data, cfg, autocast)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                                   "stage": stage, "kv_sources": raw_model.kv_sources}) + "\n")
