@@ -5,8 +5,10 @@
     python bench.py --preset=tinyllama --variants="none;echo:11" --find_max_batch=True
 
 Training (tokens/s, ms/iter, MFU, peak memory) and inference (prefill, cached decode at batch 1 and a
-larger batch, short and long context, KV bytes per token) are measured in rounds: each round runs every
-variant once, so drift on a noisy machine affects all alike; figures are medians over rounds.
+larger batch, short and long context, KV bytes per token, decode bandwidth and MBU) are measured in rounds:
+each round runs every variant once, so drift on a noisy machine affects all alike; figures are medians over
+rounds. MFU and MBU are against the datasheet peak of a listed GPU, else against a peak measured here
+(a 2048^2 matmul; a 512 MiB read on a CPU); the table's head says which.
 """
 import json
 import platform
@@ -17,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from model import (LLaMA, ModelConfig, UsageError, compile_decode_step, kv_cache_bytes, peak_flops_for,
-                   training_flops_per_token)
+from model import (LLaMA, ModelConfig, UsageError, compile_decode_step, decode_bytes_per_step, device_peak,
+                   kv_cache_bytes, training_flops_per_token)
 from train import CUDA, TrainConfig, configure, make_optimizer, model_config, precision
 
 PRESETS = {  # model shape and micro-batch
@@ -42,6 +44,7 @@ class BenchConfig(ModelConfig):
     decode_tokens: int = 64
     decode_batch: int = 8         # the "larger batch" for decode
     short_prompt: int = 32        # short context; the long one fills the window
+    parts: str = "train,inference"  # which measurements to run
     naive: bool = False           # also time decoding by recomputing the whole context (no cache)
     find_max_batch: bool = False  # GPU: double the micro-batch until out of memory
     quick: bool = False           # a small run for a smoke test
@@ -49,6 +52,8 @@ class BenchConfig(ModelConfig):
     device: str = "cuda" if CUDA else "cpu"
     dtype: str = "bfloat16" if CUDA else "float32"
     compile: bool = CUDA
+    peak_flops: float = -1.0      # FLOP/s for MFU; -1 = datasheet (listed GPU, bf16/fp16) or measured; 0 = off
+    peak_bytes: float = -1.0      # bytes/s for MBU; -1 = datasheet (listed GPU) or measured; 0 = off
 
 
 QUICK = dict(rounds=3, train_steps=4, warmup_steps=2, decode_tokens=16, short_prompt=16, decode_batch=4)
@@ -99,7 +104,6 @@ class Variant:
         self.spec, self.cfg = spec, cfg
         self.model = LLaMA(replace(model_config(cfg, cfg.vocab_size), kv_share=spec))
         self.train_fn = torch.compile(self.model) if cfg.compile else self.model
-        self.decode_fn = compile_decode_step(self.model, cfg.device) if cfg.compile else None
 
     def tokens(self, b, t):
         return torch.randint(0, self.cfg.vocab_size, (b, t), device=self.cfg.device)
@@ -126,9 +130,12 @@ class Variant:
     def generation(self, batch, prompt_len):
         """(prefill tokens/s, cached decode tokens/s) for a batch of prompt_len-token prompts."""
         prompt = self.tokens(batch, prompt_len)
+        step = None
+        if self.cfg.compile:  # compiled, CUDA graph recorded and replayed once, all before timing
+            step = compile_decode_step(self.model, batch, self.model.cache_len(prompt_len, self.cfg.decode_tokens))
         run = lambda: self.model.generate_tokens(prompt, self.cfg.decode_tokens, temperature=0,  # noqa: E731
-                                                 step=self.decode_fn)
-        for _ in zip(range(3), run()):  # untimed warm-up on the same cache: compiling, CUDA-graph recording
+                                                 step=step)
+        for _ in zip(range(3), run()):  # untimed warm-up on the same cache (allocations, prefill shapes)
             pass
         tokens = run()
         with Timer(self.cfg.device) as prefill:
@@ -166,11 +173,14 @@ def run(cfg):
     torch._dynamo.config.cache_size_limit = 64  # every variant compiles the same forward: allow the recompiles
     cuda = "cuda" in cfg.device
     dtype = precision(cfg.device, cfg.dtype)[0]
-    variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
-    samples = {v.spec: {} for v in variants}
+    parts = {p.strip() for p in cfg.parts.split(",")}
+    if not parts or parts - {"train", "inference"}:
+        raise UsageError(f"parts={cfg.parts!r}: expected train, inference or both, comma-separated")
     if cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
         raise UsageError(f"short_prompt + decode_tokens = {cfg.short_prompt + cfg.decode_tokens} "
                          f"exceeds block_size={cfg.block_size}")
+    variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
+    samples = {v.spec: {} for v in variants}
     long_prompt = cfg.block_size - cfg.decode_tokens  # the long context fills the window
     contexts = [("short", cfg.short_prompt)] + ([("long", long_prompt)] if long_prompt > cfg.short_prompt else [])
 
@@ -181,8 +191,9 @@ def run(cfg):
             torch.cuda.reset_peak_memory_stats()
         for key, value in measure(v).items():
             samples[v.spec].setdefault(key, []).append(value)
-        if cuda:
-            samples[v.spec].setdefault("peak_memory_gib", []).append(torch.cuda.max_memory_allocated() / 2**30)
+        if cuda:  # training and inference peaks apart: one figure mixing both would mean neither
+            key = "train_peak_memory_gib" if measure is train_round else "inference_peak_memory_gib"
+            samples[v.spec].setdefault(key, []).append(torch.cuda.max_memory_allocated() / 2**30)
         v.model.to("cpu")
         if cuda:
             torch.cuda.empty_cache()
@@ -193,7 +204,7 @@ def run(cfg):
     def inference_round(v):
         v.model.to(dtype)  # inference runs in the model dtype itself, as sample.py does
         out = {}
-        for batch in (1, cfg.decode_batch):
+        for batch in dict.fromkeys((1, cfg.decode_batch)):
             for context, prompt in contexts:
                 name = f"b{batch}_{context}"
                 out[f"prefill_tok_s_{name}"], out[f"decode_tok_s_{name}"] = v.generation(batch, prompt)
@@ -204,43 +215,63 @@ def run(cfg):
         return out
 
     for measure in (train_round, inference_round):
+        if measure.__name__.split("_")[0] not in parts:
+            continue
         for r in range(cfg.rounds):
             print(f"{measure.__name__.replace('_', ' ')} {r + 1}/{cfg.rounds}", file=sys.stderr)
             for v in variants:
                 turn(v, measure)
 
+    peak_flops, flops_label = device_peak("flops", cfg.device, dtype, cfg.peak_flops)
+    peak_bytes, bytes_label = device_peak("bytes", cfg.device, dtype, cfg.peak_bytes)
     base_flops = training_flops_per_token(replace(variants[0].model.config, kv_share="none"), cfg.block_size)
-    peak = peak_flops_for(cfg.device, dtype)
     results = {}
     for v in variants:
         r = {k: statistics.median(vals) for k, vals in samples[v.spec].items()}
-        tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)
-        flops = v.model.flops_per_token(cfg.block_size)
-        r.update({
-            "kv_sources": v.model.kv_sources, "params": v.model.num_params(), "train_tok_s": tok_s,
-            "flops_per_token": flops, "baseline_flops_per_token": base_flops,
-            "mfu": flops * tok_s / peak if peak else None,
-            "mfu_baseline_flops": base_flops * tok_s / peak if peak else None,
-            "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize),
-        })
-        if cfg.find_max_batch and cuda:
+        r.update({"kv_sources": v.model.kv_sources, "params": v.model.num_params(),
+                  "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize)})
+        if "train" in parts:
+            tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)
+            flops = v.model.flops_per_token(cfg.block_size)
+            r.update({"train_tok_s": tok_s, "flops_per_token": flops, "baseline_flops_per_token": base_flops,
+                      "mfu": flops * tok_s / peak_flops if peak_flops else None,
+                      "mfu_baseline_flops": base_flops * tok_s / peak_flops if peak_flops else None})
+        for batch in dict.fromkeys((1, cfg.decode_batch)) if "inference" in parts else ():
+            for context, prompt in contexts:
+                # each step reads the weights and every producer's whole cache slot (the mask hides, not skips)
+                name = f"b{batch}_{context}"
+                step_bytes = decode_bytes_per_step(v.model.config, batch,
+                                                   v.model.cache_len(prompt, cfg.decode_tokens), dtype.itemsize)
+                r[f"decode_bytes_per_token_{name}"] = step_bytes / batch
+                r[f"decode_gb_s_{name}"] = step_bytes / batch * r[f"decode_tok_s_{name}"] / 1e9
+                r[f"decode_mbu_{name}"] = r[f"decode_gb_s_{name}"] * 1e9 / peak_bytes if peak_bytes else None
+        if cfg.find_max_batch and cuda and "train" in parts:
             v.model.to(cfg.device)
             r["max_micro_batch"] = v.max_batch()
             v.model.to("cpu")
         results[v.spec] = r
-    return results
+    return results, {"flops": flops_label, "bytes": bytes_label, "peak_flops": peak_flops,
+                     "peak_bytes": peak_bytes}
 
 
-def table(results, cfg):
+def table(results, cfg, peaks):
     """Readable rows: each figure and its ratio to the first variant (the baseline)."""
     base = results[next(iter(results))]
     rows = [("params (M)", "params", 1e-6), ("train tok/s", "train_tok_s", 1), ("train ms/iter", "train_ms_per_iter", 1),
             ("MFU % (own FLOPs)", "mfu", 100), ("MFU % (baseline FLOPs)", "mfu_baseline_flops", 100),
-            ("train FLOPs/token (G)", "flops_per_token", 1e-9), ("peak memory GiB", "peak_memory_gib", 1),
-            ("max micro-batch", "max_micro_batch", 1), ("KV-cache bytes/token", "kv_bytes_per_token", 1)]
-    rows += [(k.replace("_tok_s_", " tok/s ").replace("_", " "), k, 1) for k in base
-             if "tok_s_" in k]
-    lines = [f"{'':26}" + "".join(f"{spec:>20}" for spec in results)]
+            ("train FLOPs/token (G)", "flops_per_token", 1e-9), ("train peak memory GiB", "train_peak_memory_gib", 1),
+            ("max micro-batch", "max_micro_batch", 1), ("KV-cache bytes/token", "kv_bytes_per_token", 1),
+            ("inference peak mem GiB", "inference_peak_memory_gib", 1)]
+    for k in base:
+        if k.startswith("prefill_tok_s_"):
+            name = k[len("prefill_tok_s_"):]
+            label = name.replace("_", " ")
+            rows += [(f"prefill tok/s {label}", k, 1), (f"decode tok/s {label}", f"decode_tok_s_{name}", 1),
+                     (f"decode GB/s {label}", f"decode_gb_s_{name}", 1),
+                     (f"decode MBU % {label}", f"decode_mbu_{name}", 100)]
+    if "naive_decode_tok_s_b1_short" in base:
+        rows.append(("naive decode tok/s b1 short", "naive_decode_tok_s_b1_short", 1))
+    lines = [f"{'':28}" + "".join(f"{spec:>20}" for spec in results)]
     for label, key, scale in rows:
         if base.get(key) is None:
             continue
@@ -249,9 +280,11 @@ def table(results, cfg):
             val, ratio = r[key] * scale, (r[key] / base[key] if base[key] else float("nan"))
             num = f"{val:,.0f}" if abs(val) >= 1000 else f"{val:.4g}"
             cells.append(f"{num:>12}" + (f" ({ratio:.2f}x)" if r is not base else " " * 8))
-        lines.append(f"{label:26}" + "".join(f"{c:>20}" for c in cells))
+        lines.append(f"{label:28}" + "".join(f"{c:>20}" for c in cells))
     head = (f"{cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, "
-            f"context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dtype}, compile={cfg.compile}, {device_name(cfg)}")
+            f"vocab {cfg.vocab_size}, context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dtype}, "
+            f"compile={cfg.compile}, {device_name(cfg)}\n"
+            f"MFU against: {peaks['flops']}; MBU against: {peaks['bytes']}")
     return "\n".join([head] + lines)
 
 
@@ -268,12 +301,12 @@ def device_name(cfg):
 
 def main(argv):
     cfg = parse(argv)
-    results = run(cfg)
-    print(table(results, cfg))
+    results, peaks = run(cfg)
+    print(table(results, cfg, peaks))
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"device": device_name(cfg), "torch": torch.__version__, "config": asdict(cfg),
-                       "results": results}, f, indent=1)
+                       "peaks": peaks, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

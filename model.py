@@ -8,9 +8,11 @@ Parts, top to bottom: config + kv_share spec, LLaMA pieces (RMSNorm, RoPE, atten
 layer-aware KV cache, the model with generation, FLOPs/MFU, checkpoints, K/V-sharing conversion and
 the Hugging Face import.
 """
+import functools
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -155,11 +157,26 @@ class Attention(nn.Module):
                 k, v = cache.update(slot, input_pos, k, v)                            # (B, KVH, S, hd)
             kv = (k, v)
         k, v = kv
-        # mask=None means a full pass from position 0, where SDPA's top-left causal mask is right
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if mask is None:  # a full pass from position 0: SDPA's own causal mask (aligned top-left) is right
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:             # through the cache, at an offset: an explicit mask (T, S)
+            y = attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                # (B, T, H*hd)
         return F.dropout(self.wo(y), self.dropout, self.training), kv
+
+
+def attend_masked(q, k, v, mask):
+    """Attention with an explicit mask, without ever pairing the mask with unequal head counts.
+    On CUDA the flash kernel takes no mask and the memory-efficient kernel needs as many K/V heads as query
+    heads, so mask + enable_gqa would silently run the slow math kernel (K/V copied to every query head).
+    Instead fold each K/V head's G query heads into the query axis: the head counts then match and the
+    memory-efficient kernel applies. q: (B, H, T, hd); k, v: (B, KVH, S, hd); mask: (T, S) -> (B, H, T, hd)."""
+    B, H, T, hd = q.shape
+    G = H // k.size(1)  # query heads per K/V head; query head h reads K/V head h // G (as enable_gqa does)
+    q = q.reshape(B, k.size(1), G * T, hd)  # (B, KVH, G*T, hd): row g*T + t is query head kvh*G + g at step t
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # mask rows repeated per g
+    return y.reshape(B, H, T, hd)
 
 
 class MLP(nn.Module):
@@ -202,9 +219,10 @@ class KVCache(nn.Module):
         self.max_len = max_len
 
     def update(self, slot, input_pos, k, v):
-        """Write k, v (B, KVH, T, hd) at positions input_pos (T,); return the slot's whole (B, KVH, S, hd)."""
-        self.k[slot, :, :, input_pos] = k
-        self.v[slot, :, :, input_pos] = v
+        """Write k, v (B, KVH, T, hd) at positions input_pos (T,); return the slot's whole (B, KVH, S, hd).
+        The cache keeps its own dtype (under autocast k and v may arrive in another)."""
+        self.k[slot, :, :, input_pos] = k.to(self.k.dtype)
+        self.v[slot, :, :, input_pos] = v.to(self.v.dtype)
         return self.k[slot], self.v[slot]
 
     @property
@@ -259,19 +277,29 @@ class LLaMA(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
     def setup_cache(self, batch_size, max_len, dtype=None):
-        """Preallocate the static KV cache: one slot per producer layer, max_len positions."""
+        """Preallocate the static KV cache: one slot per producer layer, max_len positions. Its dtype is the
+        one K/V are computed in: autocast's if autocast is on, else the weights'."""
         if max_len > self.config.block_size:
             raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
-        dtype, device = dtype or self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        device = self.tok_embeddings.weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.tok_embeddings.weight.dtype
         c = self.kv_cache
         if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
         self.kv_cache = KVCache(len(self.producers), batch_size, max_len, self.config.n_kv_head,
                                 self.config.head_dim, dtype, device)
 
-    def forward(self, idx, targets=None, input_pos=None):
+    def cache_len(self, prompt_len, max_new_tokens):
+        """Positions the cache needs to generate max_new_tokens after a prompt (at most the window)."""
+        return min(self.config.block_size, prompt_len + max_new_tokens)
+
+    def forward(self, idx, targets=None, input_pos=None, all_logits=False):
         """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
-        With input_pos (T,): the tokens sit at those positions and attend through the KV cache."""
+        With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
+        Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the last position only, because
+        generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor)."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -288,10 +316,12 @@ class LLaMA(nn.Module):
             # a producer (src == i) finds nothing in kv_of and computes; a consumer reuses kv_of[src]
             slot = self.producers.index(src)
             x, kv_of[src] = layer(x, cos, sin, mask, kv_of.get(src), cache, slot, input_pos)
-        logits = self.output(self.norm(x)).float()                                       # (B, T, V)
+        if targets is None and not all_logits:
+            x = x[:, -1:]                                                                # (B, 1, C)
+        logits = self.output(self.norm(x)).float()                                       # (B, T or 1, V)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        if targets is not None:  # reshape, not view: targets may be a slice such as x[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -306,10 +336,13 @@ class LLaMA(nn.Module):
             raise UsageError(f"prompt is {T} tokens, longer than the context window block_size={block}")
         if T == 0:
             raise UsageError("prompt is empty: give at least one token")
-        self.setup_cache(B, min(block, T + max_new_tokens))
+        self.setup_cache(B, self.cache_len(T, max_new_tokens))
         step = self if step is None else step
         context = idx
         logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
+        # the decode position lives on the device and is advanced in place: no host-to-device copy per token,
+        # so the host never waits for a CUDA-graph replay, and a captured graph always reads the same address
+        pos = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)
         for n in range(max_new_tokens):
             token = sample_logits(logits, temperature, top_k, top_p, vocab_limit)  # (B, 1)
             yield token
@@ -319,8 +352,9 @@ class LLaMA(nn.Module):
             if context.size(1) > self.kv_cache.max_len:  # window full: re-encode its second half
                 context = context[:, -(block // 2):]
                 logits = self(context, input_pos=torch.arange(context.size(1), device=idx.device))[0][:, -1]
+                pos.fill_(context.size(1) - 1)
             else:
-                pos = torch.tensor([context.size(1) - 1], device=idx.device)
+                pos += 1  # = context.size(1) - 1, the new token's position
                 logits = step(token, input_pos=pos)[0][:, -1]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
@@ -331,17 +365,26 @@ class LLaMA(nn.Module):
     def flops_per_token(self, seq_len=None):
         return training_flops_per_token(self.config, seq_len or self.config.block_size)
 
-    def estimate_mfu(self, tokens_per_sec, seq_len=None, peak_flops=None, device=None, dtype=torch.bfloat16):
-        """Model FLOPs utilisation: training FLOP/s achieved over the device's peak; None if the peak is unknown."""
-        peak = peak_flops or peak_flops_for(device, dtype)
-        return None if peak is None else self.flops_per_token(seq_len) * tokens_per_sec / peak
+    def estimate_mfu(self, tokens_per_sec, seq_len=None, peak_flops=None):
+        """Model FLOPs utilisation: training FLOP/s achieved over peak_flops (see device_peak)."""
+        return None if not peak_flops else self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
 
-def compile_decode_step(model, device):
-    """torch.compile the one-token decode step: one whole graph with static shapes (the cache is written
-    in place at input_pos), replayed as a CUDA graph on a GPU."""
-    return torch.compile(model, mode="reduce-overhead" if torch.device(device).type == "cuda" else None,
-                         fullgraph=True)
+def compile_decode_step(model, batch_size, max_len, warmup_calls=3):
+    """torch.compile the one-token decode step and warm it up on the cache generation will use, so that
+    compiling is never timed. The step is one whole graph with static shapes (the cache is written in place
+    at input_pos); on a GPU it is replayed as a CUDA graph, which mode="reduce-overhead" records on the
+    *second* call: the three warm-up calls compile, record, then replay once. The warm-up writes cache
+    position 0, which the prefill rewrites."""
+    device = model.tok_embeddings.weight.device
+    step = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
+    model.setup_cache(batch_size, max_len)
+    token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad():  # as in generation: grad mode is part of what the compiled graph assumes
+        for _ in range(warmup_calls):
+            step(token, input_pos=pos)
+    return step
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
@@ -365,20 +408,82 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=N
 
 
 # ----------------------------------------------------------------------------------------------------
-# FLOPs and MFU. Count the matmuls really executed: consumers have no K/V projections, but every
+# FLOPs, bytes and the device's limits: MFU (training, compute-bound) and MBU (decode, bandwidth-bound).
+# Count what is really executed and read: consumers have no K/V projections and no cache slot, but every
 # layer still attends, so the attention term keeps all n_layer layers (PaLM appendix B, as nanoGPT).
 
-PEAK_FLOPS = [  # dense bf16/fp16 tensor-core peak, FLOP/s, from vendor datasheets; first match wins
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
-]
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core FLOP/s, vendor datasheets. A key matches a device name that
+    # contains each of its *-separated parts (any case); the longest matching key wins.
+    "H200*NVL": 835e12, "H200": 989e12, "H100*NVL": 835e12, "H100*PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+}
+PEAK_BYTES = {  # HBM bytes/s, vendor datasheets, matched the same way
+    "H200": 4.8e12, "H100*NVL": 3.9e12, "H100*PCIe": 2.0e12, "H100": 3.35e12, "A100*80GB": 2.04e12,
+    "A100": 1.555e12,
+}
 
 
-def peak_flops_for(device=None, dtype=torch.bfloat16):
-    """Look up the peak of a CUDA device by name; None for CPUs, unknown GPUs and fp32."""
-    if device is None or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+def datasheet_peak(table, device):
+    """(value, key) for a CUDA device named by a key of the table, else (None, None)."""
+    name = torch.cuda.get_device_name(torch.device(device)).lower()
+    keys = [k for k in table if all(part.lower() in name for part in k.split("*"))]
+    key = max(keys, key=len, default=None)
+    return (table[key], key.replace("*", " ")) if key else (None, None)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(fn, device, repeats):
+    """Fastest of `repeats` timed calls after one untimed warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(device, dtype, n=None):
+    """FLOP/s of an n x n matmul on this device in this dtype, best of a few: the peak where no datasheet
+    applies. n=2048 on a CPU (17 GFLOP a matmul, compute-bound, ~1 s in all), 8192 on a GPU."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, device, repeats=5)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_read_bytes(device, mib=None):
+    """Bytes/s of reading a buffer far larger than the last-level cache (x.sum()), best of a few."""
+    mib = mib or (2048 if torch.device(device).type == "cuda" else 512)
+    x = torch.ones(mib * 2 ** 20 // 4, device=device)
+    return x.nbytes / best_seconds(x.sum, device, repeats=5)
+
+
+def device_peak(kind, device, dtype=torch.float32, override=-1):
+    """(peak, label) to divide achieved FLOP/s (kind "flops") or bytes/s (kind "bytes") by. A datasheet
+    peak for a listed GPU (FLOPs in bf16/fp16 only), else a peak measured once per process on this device.
+    override: a given peak; 0 turns the figure off (None, "off"); -1 (default) decides as above."""
+    unit = "FLOP/s" if kind == "flops" else "B/s"
+    if override == 0:
+        return None, "off"
+    if override > 0:
+        return override, f"given {override / 1e9:,.0f} G{unit}"
+    if torch.device(device).type == "cuda":
+        half = dtype in (torch.bfloat16, torch.float16)
+        value, key = datasheet_peak(PEAK_FLOPS if kind == "flops" else PEAK_BYTES, device)
+        if value and (half or kind == "bytes"):
+            return value, f"{key} datasheet {str(dtype).split('.')[-1] + ' ' if kind == 'flops' else ''}peak"
+    if kind == "flops":
+        value = measured_matmul_flops(str(device), dtype)
+        return value, f"measured {value / 1e9:,.0f} G{unit} ({str(dtype).split('.')[-1]} matmul)"
+    value = measured_read_bytes(str(device))
+    return value, f"measured {value / 1e9:,.1f} GB/s (read)"
 
 
 def matmul_params(cfg):
@@ -391,8 +496,18 @@ def matmul_params(cfg):
 
 
 def training_flops_per_token(cfg, seq_len):
-    """Forward + backward FLOPs per token: 6 per matmul weight, plus attention scores and mixing."""
+    """Forward + backward FLOPs per token: 6 per matmul weight, plus attention scores and mixing
+    (12 per layer, head and position: 2 matmuls, x2 multiply-add, x3 forward + backward)."""
     return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
+    """Bytes one decode step must read: every weight once (of the embedding table only the B rows looked
+    up, unless the head is tied to it) plus each producer's cached K and V over `context` positions.
+    Consumers read their producer's slot, which is counted once: this is the least traffic possible."""
+    d = cfg.n_embd
+    weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
+    return weights * bytes_per_element + kv_cache_bytes(cfg, batch_size, context, bytes_per_element)
 
 
 # ----------------------------------------------------------------------------------------------------

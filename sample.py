@@ -82,15 +82,12 @@ def sample(cfg, out=None):
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=cfg.device)  # (B, T)
     sync = torch.cuda.synchronize if "cuda" in cfg.device else (lambda: None)
     step = None
-    if cfg.compile:  # compile the one-token decode step now, on the cache generation will use, so it is not timed
-        step = compile_decode_step(model, cfg.device)
+    if cfg.compile:  # compile and warm up the decode step now (on a GPU: record its CUDA graph), so it is not timed
         t = time.perf_counter()
-        model.setup_cache(cfg.num_samples, min(block, len(ids) + cfg.max_new_tokens))
-        with torch.no_grad():  # as in generation: grad mode is part of what the compiled graph assumes
-            step(idx[:, :1].contiguous(), input_pos=torch.tensor([0], device=cfg.device))  # prefill rewrites position 0
+        step = compile_decode_step(model, cfg.num_samples, model.cache_len(len(ids), cfg.max_new_tokens))
         sync()
         if out:
-            out.write(f"note: compiled the decode step in {time.perf_counter() - t:.1f} s\n")
+            out.write(f"note: compiled and warmed up the decode step in {time.perf_counter() - t:.1f} s\n")
     stream = out if cfg.num_samples == 1 else None
     new, printed = [], 0
     if stream:

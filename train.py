@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (LLaMA, ModelConfig, UsageError, convert_kv_share, load_checkpoint, model_from_checkpoint,
-                   resolve_kv_sources, save_checkpoint)
+from model import (LLaMA, ModelConfig, UsageError, convert_kv_share, device_peak, load_checkpoint,
+                   model_from_checkpoint, resolve_kv_sources, save_checkpoint)
 
 CUDA = torch.cuda.is_available()
 
@@ -74,6 +74,7 @@ class TrainConfig:
     device: str = "cuda" if CUDA else "cpu"
     dtype: str = "bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float32"
     compile: bool = CUDA
+    peak_flops: float = -1.0              # FLOP/s for MFU; -1 = datasheet (listed GPU, bf16) or measured here; 0 = off
 
 
 def configure(cfg, argv):
@@ -158,6 +159,20 @@ def get_batch(data, batch_size, block_size, generator):
 def batch_generator(seed, iter_num, rank):
     """Each (iteration, rank) draws from its own seed, so a resumed run sees exactly the batches it would have."""
     return torch.Generator().manual_seed((seed * 1_000_003 + iter_num) * 1009 + rank)
+
+
+def rng_state(device):
+    """Every RNG training draws from (dropout): the CPU generator, and the GPU's when training on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,12 +288,13 @@ def train(cfg):
     accum = cfg.gradient_accumulation_steps // world
     device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
     ptdtype, autocast = precision(cfg.device, cfg.dtype)
-    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's) ...
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     data, meta = load_dataset(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     model, ckpt = initial_model(cfg, meta)
+    torch.manual_seed(cfg.seed + rank)  # ... but each rank its own dropout stream
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
     if cfg.init_from != "scratch":  # the model's shape wins over the settings
         for k, v in asdict(model.config).items():
@@ -298,18 +314,31 @@ def train(cfg):
         """Enter the stage; return (raw model, training model, eval model, fresh optimizer)."""
         raw = enter_stage(model, stages, stage, cfg).to(cfg.device)  # the plain module: checkpoints save it
         optimizer = make_optimizer(raw, cfg)
-        model = torch.compile(raw) if cfg.compile else raw
+        if cfg.compile:
+            # every stage is a new module with the same forward code: without a reset, each stage's compiles
+            # (training + no-grad eval) pile up on that code until dynamo's recompile limit turns it eager
+            torch._dynamo.reset()
+            model = torch.compile(raw)
+        else:
+            model = raw
         if ddp:
             model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
         return raw, model, (model.module if ddp else model), optimizer
 
     stage = ckpt.get("stage", stage_at(iter_num)) if ckpt else stage_at(iter_num)  # the optimizer state's stage
     raw_model, model, eval_model, optimizer = setup(model, stage)
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_state"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        states = ckpt.get("rng_states") or [{"cpu": ckpt["rng_state"]}]  # one per rank (older checkpoints: one)
+        if len(states) != world and master:
+            print(f"note: the run was saved with {len(states)} process(es), resumed with {world}: "
+                  f"dropout streams differ from an uninterrupted run")
+        if rank < len(states):
+            set_rng_state(states[rank], cfg.device)
         del ckpt
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
@@ -322,15 +351,21 @@ def train(cfg):
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
         log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.init_from == "resume" else "w")
 
-    def checkpoint():
+    def checkpoint(rng_states):
         save_checkpoint(ckpt_path, {
             "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "config": asdict(cfg), "meta": meta, "rng_state": torch.get_rng_state(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "config": asdict(cfg), "meta": meta, "rng_states": rng_states,
             "adapt_stages": stages, "stage": stage})
 
+    peak_flops = peak_label = None  # measured (if need be) at the first log line, outside the timed window
     t0, window_iters = time.time(), 0
     while True:
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            rng_states = [rng_state(cfg.device)]  # every rank's, for an exact resume
+            if ddp:
+                rng_states = [None] * world
+                dist.all_gather_object(rng_states, rng_state(cfg.device))
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             losses = estimate_loss(eval_model, data, cfg, autocast)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -340,7 +375,7 @@ def train(cfg):
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0:
-                    checkpoint()
+                    checkpoint(rng_states)
             t0, window_iters = time.time(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
             break
@@ -379,13 +414,15 @@ def train(cfg):
             lossf = iter_loss.item()  # .item() waits for the GPU, so only at log time
             dt = (time.time() - t0) / window_iters
             tokens_per_s = tokens_per_iter / dt
+            if peak_label is None:
+                peak_flops, peak_label = device_peak("flops", cfg.device, ptdtype, cfg.peak_flops)
             frozen = any(not p.requires_grad for p in raw_model.parameters())  # FLOP count assumes full backward
-            mfu = None if frozen else raw_model.estimate_mfu(tokens_per_s / world, cfg.block_size,
-                                                             device=cfg.device, dtype=ptdtype)
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                  f"{tokens_per_s:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))
+            mfu = None if frozen else raw_model.estimate_mfu(tokens_per_s / world, cfg.block_size, peak_flops)
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_s:,.0f} tok/s"
+                  + (f", mfu {mfu * 100:.1f}% of {peak_label}" if mfu is not None else ""))
             log.write(json.dumps({"iter": iter_num, "loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s,
-                                  "mfu": mfu, "stage": stage}) + "\n")
+                                  "mfu": mfu, "mfu_of": peak_label if mfu is not None else None,
+                                  "stage": stage}) + "\n")
             t0, window_iters = time.time(), 0
 
     if master:

@@ -2,13 +2,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from model import ModelConfig, kv_cache_bytes, training_flops_per_token
 
 
 def test_quick_bench_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", "--quick=True", "--naive=True", f"--json={out}"],
+    r = subprocess.run([sys.executable, "bench.py", "--quick=True", "--naive=True", "--peak_bytes=1e10", f"--json={out}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
@@ -27,7 +29,19 @@ def test_quick_bench_json(tmp_path):
         for key in ("train_tok_s", "train_ms_per_iter", "prefill_tok_s_b1_short", "decode_tok_s_b1_short",
                     "decode_tok_s_b4_long", "naive_decode_tok_s_b1_short"):
             assert res[key] > 0, key
-        assert res["mfu"] is None  # no peak FLOP/s is known for a CPU: no made-up MFU
+        # MFU against the matmul peak measured on this CPU; MBU against the peak given on the command line
+        assert res["mfu"] == pytest.approx(res["flops_per_token"] * res["train_tok_s"] / report["peaks"]["peak_flops"])
+        for batch, context, prompt in [(1, "short", 16), (4, "long", 128 - 16)]:
+            name = f"b{batch}_{context}"
+            # closed form: fp32 weights read once (tied head, so no embedding rows apart), 2 norms a layer + the
+            # final one, and each producer's K and V over the whole cache (prompt + 16 decoded tokens)
+            d, ff, hd = cfg["n_embd"], shape.intermediate_size, shape.head_dim
+            weights = 8 * (2 * d * d + 3 * d * ff) + n_producers * 2 * d * cfg["n_kv_head"] * hd + d * 512 + 17 * d
+            step = 4 * weights + 4 * 2 * n_producers * batch * (prompt + 16) * cfg["n_kv_head"] * hd
+            assert res[f"decode_bytes_per_token_{name}"] == step / batch
+            assert res[f"decode_mbu_{name}"] == pytest.approx(step / batch * res[f"decode_tok_s_{name}"] / 1e10)
+    assert report["peaks"]["flops"].startswith("measured ") and report["peaks"]["bytes"] == "given 10 GB/s"
+    assert "MFU against: measured" in r.stdout and "MBU against: given 10 GB/s" in r.stdout
     assert kv_cache_bytes(shape, 1, 1, 4) == base["kv_bytes_per_token"]
     assert "ratio" not in r.stdout and "(0.50x)" in r.stdout  # the table prints ratios to the baseline
 

@@ -46,7 +46,7 @@ def hf_dir(tmp_path_factory):
 
 def logits_of(model, idx):
     with torch.no_grad():
-        out = model(idx)
+        out = model(idx, all_logits=True) if isinstance(model, LLaMA) else model(idx)
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -127,7 +127,7 @@ def test_keep_and_mean_conversions(hf_dir):
         idx = torch.randint(0, VOCAB, (2, 12))
         full = logits_of(model, idx)
         model.setup_cache(2, 12)
-        prefill = model(idx[:, :7], input_pos=torch.arange(7))[0]
+        prefill = model(idx[:, :7], input_pos=torch.arange(7), all_logits=True)[0]
         steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(7, 12)]
         torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=1e-5)
     # converting an already-shared model: a new producer starts from the K/V its layer actually used

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from model import (LLaMA, ModelConfig, kv_cache_bytes, peak_flops_for, resolve_kv_sources,
-                   training_flops_per_token)
+from model import LLaMA, ModelConfig, kv_cache_bytes, resolve_kv_sources, training_flops_per_token
 
 SPECS = ["none", "echo:3", "cla:2", "0,0,2,2,2,5"]
 
@@ -21,12 +20,18 @@ def tiny(kv_share="none", n_kv_head=2, **kw):
 def test_prefill_and_decode_match_full_forward(spec, n_kv_head):
     model = tiny(spec, n_kv_head)
     idx = torch.randint(0, 97, (2, 20))
-    full, _ = model(idx)
+    full, _ = model(idx, all_logits=True)
     model.setup_cache(batch_size=2, max_len=32)
-    chunks = [model(idx[:, :12], input_pos=torch.arange(12))[0]]  # prefill 12, then decode one at a time
+    # prefill 7, then a chunk of 5 at an offset (several queries per step through the mask), then one at a time
+    chunks = [model(idx[:, :7], input_pos=torch.arange(7), all_logits=True)[0],
+              model(idx[:, 7:12], input_pos=torch.arange(7, 12), all_logits=True)[0]]
     for t in range(12, 20):
         chunks.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0])
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+    # without targets or all_logits only the last position is computed, and it is the same row
+    last, _ = model(idx)
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
 def naive_greedy(model, idx, n):
@@ -112,7 +117,7 @@ def test_flops_count_only_the_kv_projections_that_exist():
     # attention scores are still computed in all 6 layers
     assert model.flops_per_token(256) - model.flops_per_token(128) == 12 * 6 * echo.n_head * echo.head_dim * 128
     assert model.estimate_mfu(1000.0, peak_flops=1e12) == pytest.approx(model.flops_per_token() * 1000 / 1e12)
-    assert model.estimate_mfu(1000.0, device="cpu") is None and peak_flops_for("cpu") is None
+    assert model.estimate_mfu(1000.0, peak_flops=None) is None
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line(data_dir, tmp_path):
 
 
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
-    argv = tiny_args(data_dir, tmp_path, max_iters=10, gradient_accumulation_steps=2, eval_interval=5)
+    argv = tiny_args(data_dir, tmp_path, max_iters=10, gradient_accumulation_steps=2, eval_interval=5, dropout=0.1)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -109,3 +109,5 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     assert "terminate called" not in r.stderr
     evals = [x for x in read_log(tmp_path) if "val_loss" in x]
     assert evals[-1]["iter"] == 10 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    states = load_checkpoint(tmp_path / "ckpt.pt")["rng_states"]  # one per rank, each its own dropout stream
+    assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])

@@ -1,0 +1,79 @@
+"""The performance claims the code makes about itself: its FLOP formula equals torch's FlopCounterMode
+(the matmul part: on a CPU the counter does not count SDPA), and the compiled training forward and decode
+step are each one whole graph that never recompiles."""
+import functools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import LLaMA, ModelConfig, compile_decode_step, matmul_params, training_flops_per_token
+
+SHAPES = [  # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
+    (6, 6, True), (6, 2, False), (6, 3, True), (6, 1, False)]
+SPECS = ["none", "echo:2", "cla:2", "cla:4", "0,0,0,3,3"]
+
+
+def build(spec, n_head, n_kv_head, tied):
+    torch.manual_seed(0)
+    return LLaMA(ModelConfig(vocab_size=83, block_size=24, n_layer=5, n_head=n_head, n_kv_head=n_kv_head,
+                             n_embd=48, intermediate_size=80, tie_embeddings=tied, kv_share=spec))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n_head,n_kv_head,tied", SHAPES)
+def test_training_flops_formula_equals_the_counter(spec, n_head, n_kv_head, tied):
+    model = build(spec, n_head, n_kv_head, tied)
+    B, T = 3, 19
+    idx = torch.randint(0, 83, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx).__getitem__(1).backward()
+    cfg = model.config
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T  # SDPA: not counted on a CPU
+    assert counter.get_total_flops() / (B * T) == pytest.approx(training_flops_per_token(cfg, T) - attention, rel=1e-9)
+    assert counter.get_total_flops() == 6 * matmul_params(cfg) * B * T
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n_head,n_kv_head,tied", SHAPES[:2])
+def test_decode_and_prefill_flops_equal_the_counter(spec, n_head, n_kv_head, tied):
+    model = build(spec, n_head, n_kv_head, tied).eval()
+    cfg = model.config
+    model.setup_cache(2, 24)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 11, dtype=torch.long), input_pos=torch.arange(11))
+    head = cfg.n_embd * cfg.vocab_size  # the prefill applies the LM head to the last position only
+    assert counter.get_total_flops() == 2 * 2 * ((matmul_params(cfg) - head) * 11 + head)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 1, dtype=torch.long), input_pos=torch.tensor([11]))
+    assert counter.get_total_flops() == 2 * 2 * matmul_params(cfg)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_training_forward_and_decode_step_are_one_graph(spec):
+    model = build(spec, 6, 2, False)
+    idx = torch.randint(0, 83, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(idx, targets=idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    model.eval().setup_cache(2, 24)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(idx[:, :1], input_pos=torch.tensor([5]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_repeated_generation_never_recompiles(monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="eager"))  # guards matter, not codegen
+    model = build("echo:2", 6, 2, True).eval()
+    torch._dynamo.reset()
+    step = compile_decode_step(model, 2, model.cache_len(5, 12))
+    runs = []
+    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile after the warm-up raises
+        for seed in range(3):
+            prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(seed))
+            runs.append(torch.cat(list(model.generate_tokens(prompt, 12, temperature=0, step=step)), 1))
+            eager = torch.cat(list(model.generate_tokens(prompt, 12, temperature=0)), 1)
+            assert torch.equal(runs[-1], eager)
+    assert not torch.equal(runs[0], runs[1])
