@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from model import (LLaMA, ModelConfig, UsageError, compile_decode_step, decode_bytes_per_step, device_peak,
-                   kv_cache_bytes, training_flops_per_token)
-from train import CUDA, TrainConfig, configure, make_optimizer, model_config, precision
+                   inference_layout, kv_cache_bytes, training_flops_per_token)
+from train import CUDA, TrainConfig, check_device, configure, make_optimizer, model_config, precision
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -70,6 +70,13 @@ def parse(argv):
         setattr(cfg, k, v)
     configure(cfg, argv)
     cfg.__post_init__()  # derive and check the shape after the overrides
+    at_least = dict(rounds=1, train_steps=1, warmup_steps=0, decode_tokens=2, decode_batch=1, short_prompt=1,
+                    batch_size=1)
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise UsageError(f"{key}={getattr(cfg, key)}: must be at least {low}")
+    check_device(cfg.device)
+    precision(cfg.device, cfg.dtype)
     return cfg
 
 
@@ -202,7 +209,7 @@ def run(cfg):
         return {"train_ms_per_iter": v.train_ms(cfg.batch_size, cfg.warmup_steps, cfg.train_steps)}
 
     def inference_round(v):
-        v.model.to(dtype)  # inference runs in the model dtype itself, as sample.py does
+        inference_layout(v.model.to(dtype))  # inference runs in the model dtype and layout, as sample.py does
         out = {}
         for batch in dict.fromkeys((1, cfg.decode_batch)):
             for context, prompt in contexts:
@@ -314,3 +321,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UsageError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")

@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from data.common import hf_meta, tokenizer_from_meta
-from model import LLaMA, UsageError, compile_decode_step, kv_cache_bytes, load_checkpoint, model_from_checkpoint
-from train import CUDA, configure, precision
+from model import (LLaMA, UsageError, compile_decode_step, inference_layout, kv_cache_bytes, load_checkpoint,
+                   model_from_checkpoint)
+from train import CUDA, check_device, configure, precision
 
 
 @dataclass
@@ -38,13 +39,16 @@ def load_model(cfg):
         model, meta = LLaMA.from_pretrained(cfg.init_from[3:]), hf_meta(cfg.init_from[3:])
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", map_location="cpu")
-        if "meta" not in ckpt:
+        if not isinstance(ckpt.get("meta"), dict):
             raise UsageError(f"checkpoint in {cfg.out_dir} has no data meta: cannot rebuild its tokenizer")
-        model, meta = model_from_checkpoint(ckpt), ckpt["meta"]
+        model, meta = model_from_checkpoint(ckpt, f"{cfg.out_dir}/ckpt.pt"), ckpt["meta"]
     else:
         raise UsageError(f"init_from={cfg.init_from!r}: expected resume or hf:PATH")
-    model.eval().to(device=cfg.device, dtype=precision(cfg.device, cfg.dtype)[0])
-    return model, meta, tokenizer_from_meta(meta)
+    inference_layout(model.eval().to(device=cfg.device, dtype=precision(cfg.device, cfg.dtype)[0]))
+    try:
+        return model, meta, tokenizer_from_meta(meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"the checkpoint's data meta cannot rebuild its tokenizer ({type(e).__name__}: {e})") from None
 
 
 def prompt_ids(cfg, encode, block_size):
@@ -55,6 +59,8 @@ def prompt_ids(cfg, encode, block_size):
                 text = f.read()
         except OSError as e:
             raise UsageError(f"--start={cfg.start}: cannot read the prompt file ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--start={cfg.start}: the prompt file is not UTF-8 text (byte {e.start})") from None
     try:
         ids = encode(text)
     except ValueError as e:  # a char-level vocabulary names the characters it lacks
@@ -67,11 +73,25 @@ def prompt_ids(cfg, encode, block_size):
     return ids
 
 
+def check_sample_settings(cfg):
+    """Every sampling setting in its range, or one line naming the first that is not."""
+    if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
+        raise UsageError("max_new_tokens and num_samples must be at least 1")
+    if not 0 <= cfg.temperature < float("inf"):
+        raise UsageError(f"temperature={cfg.temperature}: expected >= 0 (0 = greedy); a negative one would "
+                         f"invert the distribution")
+    if cfg.top_k < 0:
+        raise UsageError(f"top_k={cfg.top_k}: expected >= 0 (0 = off)")
+    if not 0 < cfg.top_p <= 1:
+        raise UsageError(f"top_p={cfg.top_p}: expected 0 < top_p <= 1 (1 = off)")
+    check_device(cfg.device)
+    precision(cfg.device, cfg.dtype)
+
+
 def sample(cfg, out=None):
     """Generate cfg.num_samples continuations. Streams to `out` when there is one sample.
     Returns (texts, stats) where stats holds the token counts, timings and cache sizes."""
-    if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
-        raise UsageError("max_new_tokens and num_samples must be at least 1")
+    check_sample_settings(cfg)
     torch.manual_seed(cfg.seed)
     model, meta, (encode, decode) = load_model(cfg)
     block = model.config.block_size
@@ -145,3 +165,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UsageError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")

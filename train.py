@@ -1,7 +1,7 @@
 """Train a LLaMA, plain or with cross-layer KV sharing, on a prepared dataset.
 
     python train.py config/train_shakespeare_char_cpu.py --max_iters=500 --kv_share=echo:2
-    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py   # DDP
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py --gradient_accumulation_steps=2
 
 Settings: the defaults in TrainConfig below, then a config file, then --key=value overrides.
 """
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (LLaMA, ModelConfig, UsageError, convert_kv_share, device_peak, load_checkpoint,
-                   model_from_checkpoint, resolve_kv_sources, save_checkpoint)
+                   model_from_checkpoint, read_json, resolve_kv_sources, save_checkpoint, set_dropout)
 
 CUDA = torch.cuda.is_available()
 
@@ -78,9 +78,11 @@ class TrainConfig:
 
 
 def configure(cfg, argv):
-    """nanoGPT-style settings: `script.py [config_file.py ...] [--key=value ...]`, applied in order.
-    Unknown keys and values of the wrong type are errors, named in one line."""
+    """nanoGPT-style settings: `script.py [config_file.py ...] [--key=value ...]`, applied in order; a bare
+    `--flag` means `--flag=True`. Unknown keys and values of the wrong type are errors, named in one line.
+    cfg.explicit records the keys that were set, so a resume can tell a request from a default."""
     types_of = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    cfg.explicit = set()
 
     def assign(key, value, where):
         if key not in types_of:
@@ -92,12 +94,16 @@ def configure(cfg, argv):
         if type(value) is not want:
             raise UsageError(f"{key}={value!r} in {where}: expected {want.__name__}, got {type(value).__name__}")
         setattr(cfg, key, value)
+        cfg.explicit.add(key)
 
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not eq:
-                raise UsageError(f"argument '{arg}': expected --key=value")
+                if key in types_of and types_of[key] is not bool:
+                    raise UsageError(f"argument '{arg}': expected --key=value ({key} needs a value of type "
+                                     f"{types_of[key].__name__})")
+                raw = "True"  # a bare --flag; an unknown key is reported by assign
             try:
                 value = raw if types_of.get(key) is str else ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -113,6 +119,49 @@ def configure(cfg, argv):
                 if not key.startswith("_") and not isinstance(value, types.ModuleType):
                     assign(key, value, arg)
     return cfg
+
+
+def check_device(device):
+    """One clear line for a device this machine does not have."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"device={device!r}: expected cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device={device!r}, but this machine has no CUDA GPU that torch can use: use --device=cpu")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise UsageError(f"device={device!r}, but there are only {torch.cuda.device_count()} GPUs")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device={device!r}, but MPS (Apple GPU) is not available here: use --device=cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
+
+
+def check_settings(cfg):
+    """Every training setting in its range: one line naming the first that is not."""
+    at_least = {"batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
+                "gradient_accumulation_steps": 1, "max_iters": 0, "warmup_iters": 0, "lr_decay_iters": 0,
+                "adapt_iters": 0}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise UsageError(f"{key}={getattr(cfg, key)}: must be at least {low}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{key}={value}: expected a finite number >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UsageError(f"{key}={getattr(cfg, key)}: expected 0 <= {key} < 1")
+    if not (cfg.peak_flops == -1 or cfg.peak_flops >= 0) or not math.isfinite(cfg.peak_flops):
+        raise UsageError(f"peak_flops={cfg.peak_flops}: expected FLOP/s > 0, 0 (no MFU) or -1 (automatic)")
+    if cfg.kv_init not in ("keep", "mean"):
+        raise UsageError(f"kv_init={cfg.kv_init!r}: expected 'keep' or 'mean'")
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", "hf:"))):
+        raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR or hf:PATH")
+    if cfg.kv_share_target and cfg.init_from == "scratch":
+        raise UsageError("kv_share_target converts a trained model: use it with init_from=ckpt:DIR or hf:PATH")
+    check_device(cfg.device)
+    precision(cfg.device, cfg.dtype)
 
 
 def precision(device, dtype):
@@ -133,18 +182,33 @@ def model_config(cfg, vocab_size):
 # Data
 
 def load_dataset(cfg):
-    """The train/val token memmaps and the dataset's meta (tokenizer, vocab size, id dtype)."""
+    """The train/val token memmaps and the dataset's meta (tokenizer, vocab size, id dtype), checked."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
     meta_path = os.path.join(folder, "meta.json")
+    redo = f"re-run python data/{cfg.dataset}/prepare.py"
     if not os.path.isfile(meta_path):
         raise UsageError(f"dataset '{cfg.dataset}' is not prepared: run python data/{cfg.dataset}/prepare.py")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    data = {split: np.memmap(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-            for split in ("train", "val")}
-    for split, arr in data.items():
-        if len(arr) <= cfg.block_size:
-            raise UsageError(f"{split}.bin of '{cfg.dataset}' has {len(arr)} tokens, fewer than block_size+1")
+    meta = read_json(meta_path, "the dataset's meta")
+    if not isinstance(meta, dict) or not {"tokenizer", "vocab_size", "dtype"} <= set(meta):
+        raise UsageError(f"{meta_path} lacks tokenizer, vocab_size or dtype: {redo}")
+    if meta["dtype"] not in ("uint16", "uint32") or type(meta["vocab_size"]) is not int or meta["vocab_size"] < 1:
+        raise UsageError(f"{meta_path}: dtype {meta['dtype']!r} / vocab_size {meta['vocab_size']!r} are not "
+                         f"uint16|uint32 / a positive whole number: {redo}")
+    data = {}
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise UsageError(f"{path} is missing: {redo}")
+        size, item = os.path.getsize(path), np.dtype(meta["dtype"]).itemsize
+        if size % item:
+            raise UsageError(f"{path} has {size} bytes, not a whole number of {meta['dtype']} ids: "
+                             f"truncated or damaged; {redo}")
+        if size // item <= cfg.block_size:
+            raise UsageError(f"{path} has {size // item} tokens, fewer than block_size+1 = {cfg.block_size + 1}")
+        data[split] = np.memmap(path, dtype=meta["dtype"], mode="r")
+        top = int(data[split].max())  # one pass over the file: an id the model has no row for is an error
+        if top >= meta["vocab_size"]:
+            raise UsageError(f"{path} holds token id {top}, outside the vocabulary of {meta['vocab_size']}: {redo}")
     return data, meta
 
 
@@ -217,6 +281,39 @@ def estimate_loss(model, data, cfg, autocast):
 # ----------------------------------------------------------------------------------------------------
 # Where the model comes from, and the layer-wise conversion schedule
 
+RUN_SETTINGS = ("kv_share_target", "adapt_iters", "adapt_freeze", "kv_init")  # the schedule: a run keeps it
+
+
+def same_tokens(a, b):
+    return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "itos", "tokenizer_json"))
+
+
+def resume_checkpoint(cfg, meta):
+    """The checkpoint to resume, checked; the run's schedule settings are restored from it (a different
+    value given explicitly is an error, since it would silently change a half-finished conversion)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, require=("optimizer", "iter_num", "best_val_loss", "config", "meta"))
+    if not (type(ckpt["iter_num"]) is int and ckpt["iter_num"] >= 0 and isinstance(ckpt["optimizer"], dict)
+            and isinstance(ckpt["config"], dict) and isinstance(ckpt["meta"], dict)
+            and isinstance(ckpt["best_val_loss"], float)):
+        raise UsageError(f"checkpoint {path}: iter_num, optimizer, config, meta or best_val_loss has the wrong type")
+    states = ckpt.get("rng_states") or ([{"cpu": ckpt["rng_state"]}] if "rng_state" in ckpt else None)
+    if not (isinstance(states, list) and all(isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor)
+                                             for s in states)):
+        raise UsageError(f"checkpoint {path} lacks a valid RNG state: it cannot be resumed exactly "
+                         f"(fine-tune from it instead with init_from=ckpt:DIR)")
+    ckpt["rng_states"] = states
+    if not same_tokens(ckpt["meta"], meta):
+        raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
+    for key in RUN_SETTINGS:
+        saved = ckpt["config"].get(key, getattr(TrainConfig, key))
+        if key in cfg.explicit and getattr(cfg, key) != saved:
+            raise UsageError(f"{key}={getattr(cfg, key)!r}, but the run being resumed has {key}={saved!r}: a "
+                             f"resumed run keeps its conversion schedule (start a new out_dir to change it)")
+        setattr(cfg, key, saved)
+    return ckpt
+
+
 def initial_model(cfg, meta):
     """(model, checkpoint or None) as init_from says; a fine-tuned model must share the data's tokenizer."""
     if cfg.init_from == "scratch":
@@ -225,33 +322,38 @@ def initial_model(cfg, meta):
             vocab = 64 * math.ceil(vocab / 64)
         return LLaMA(model_config(cfg, vocab)), None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        return model_from_checkpoint(ckpt), ckpt
+        ckpt = resume_checkpoint(cfg, meta)
+        model = model_from_checkpoint(ckpt, os.path.join(cfg.out_dir, "ckpt.pt"))
+        return (set_dropout(model, cfg.dropout) if "dropout" in cfg.explicit else model), ckpt
     if cfg.init_from.startswith("ckpt:"):
-        source = load_checkpoint(os.path.join(cfg.init_from[5:], "ckpt.pt"))
-        same = ("tokenizer", "vocab_size", "itos", "tokenizer_json")
-        if any(source["meta"].get(k) != meta.get(k) for k in same):
+        path = os.path.join(cfg.init_from[5:], "ckpt.pt")
+        source = load_checkpoint(path, require=("meta",))
+        if not isinstance(source["meta"], dict) or not same_tokens(source["meta"], meta):
             raise UsageError(f"{cfg.init_from} was trained on other tokens than dataset '{cfg.dataset}'")
-        model = model_from_checkpoint(source)
-    elif cfg.init_from.startswith("hf:"):
+        model = model_from_checkpoint(source, path)
+    else:
         model = LLaMA.from_pretrained(cfg.init_from[3:])
         if meta["tokenizer"] != "hf" or meta["vocab_size"] > model.config.vocab_size:
             raise UsageError(f"dataset '{cfg.dataset}' is not tokenized for {cfg.init_from}: prepare it "
                              f"with --tokenizer={cfg.init_from}")
-    else:
-        raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR or hf:PATH")
-    if not cfg.kv_share_target and model.kv_sources != resolve_kv_sources(cfg.kv_share, model.config.n_layer):
-        model = convert_kv_share(model, cfg.kv_share, cfg.kv_init)  # one-shot conversion
+    set_dropout(model, cfg.dropout)  # fine-tuning: dropout is this run's setting, not the source's
+    # one-shot conversion, if asked for (without --kv_share the model keeps the sharing it has)
+    if "kv_share" in cfg.explicit and not cfg.kv_share_target:
+        if model.kv_sources != resolve_kv_sources(cfg.kv_share, model.config.n_layer):
+            model = convert_kv_share(model, cfg.kv_share, cfg.kv_init)
     return model, None
 
 
 def adaptation_stages(start, target_spec):
     """kv_sources for each stage: the target's consumers converted from the top layer down, 1, 2, 4, ...
-    at a time, ending with all of them. Layers not yet converted keep their sources from `start`."""
+    at a time (cumulative counts), ending with all of them. A layer not yet converted keeps its source
+    from `start`, except that the target's producers produce from the first stage on (a model that
+    already shares may have one of them as a consumer, and a converted layer must read a producer)."""
     target = resolve_kv_sources(target_spec, len(start))
     consumers = [i for i in reversed(range(len(start))) if target[i] != i]
     counts = [2 ** k for k in range(len(consumers).bit_length()) if 2 ** k < len(consumers)] + [len(consumers)]
-    return [[target[i] if i in consumers[:c] else s for i, s in enumerate(start)] for c in counts]
+    return [[target[i] if i in consumers[:c] else i if target[i] == i else start[i] for i in range(len(start))]
+            for c in counts]
 
 
 def enter_stage(model, stages, stage, cfg):
@@ -269,9 +371,36 @@ def enter_stage(model, stages, stage, cfg):
     return model
 
 
+def open_log(path, resume_iter):
+    """log.jsonl for appending. On a resume from iteration N, lines past N are dropped (that stretch is
+    trained again) and so is the eval at N (it is run and logged again): no line appears twice."""
+    if resume_iter is not None and os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by a crash
+            if rec.get("iter", 0) < resume_iter or (rec.get("iter") == resume_iter and "val_loss" not in rec):
+                keep.append(line)
+        with open(path, "w") as f:
+            f.writelines(keep)
+    return open(path, "a" if resume_iter is not None else "w")
+
+
+def check_finite(loss, iter_num, cfg):
+    """Stop a diverged run before it writes a NaN checkpoint: the last good one stays."""
+    if not math.isfinite(loss):
+        raise UsageError(f"the loss is {loss} at iteration {iter_num}: training diverged (try a lower "
+                         f"learning_rate, or grad_clip); the last good checkpoint in {cfg.out_dir} is kept")
+
+
 # ----------------------------------------------------------------------------------------------------
 
 def train(cfg):
+    check_settings(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:  # one process per device, launched by torchrun
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -296,9 +425,9 @@ def train(cfg):
     model, ckpt = initial_model(cfg, meta)
     torch.manual_seed(cfg.seed + rank)  # ... but each rank its own dropout stream
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
-    if cfg.init_from != "scratch":  # the model's shape wins over the settings
+    if cfg.init_from != "scratch":  # the model's shape (and dropout, as set on it) wins over the settings
         for k, v in asdict(model.config).items():
-            if k not in ("vocab_size", "block_size", "dropout"):
+            if k not in ("vocab_size", "block_size"):
                 setattr(cfg, k, v)
     if cfg.block_size > model.config.block_size:
         raise UsageError(f"block_size={cfg.block_size} exceeds the model's context {model.config.block_size}")
@@ -329,10 +458,14 @@ def train(cfg):
     raw_model, model, eval_model, optimizer = setup(model, stage)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        states = ckpt.get("rng_states") or [{"cpu": ckpt["rng_state"]}]  # one per rank (older checkpoints: one)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UsageError(f"the optimizer state in {ckpt_path} does not fit the model at stage {stage} "
+                             f"({str(e).splitlines()[0]})") from None
+        states = ckpt["rng_states"]  # one per rank
         if len(states) != world and master:
             print(f"note: the run was saved with {len(states)} process(es), resumed with {world}: "
                   f"dropout streams differ from an uninterrupted run")
@@ -342,14 +475,21 @@ def train(cfg):
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+            raise UsageError(f"out_dir={cfg.out_dir} exists and is not a folder")
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create out_dir={cfg.out_dir} ({e.strerror})") from None
+        if os.path.exists(ckpt_path + ".tmp"):  # left by a crash mid-save; ckpt.pt itself is whole
+            os.remove(ckpt_path + ".tmp")
         print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_sources={raw_model.kv_sources}")
         if cfg.kv_share_target:
             print(f"layer-wise conversion to {cfg.kv_share_target}: {len(stages)} stages of {cfg.adapt_iters} "
                   f"iterations, then full fine-tuning; stage kv_sources: {stages}")
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
-        log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.init_from == "resume" else "w")
+        log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), iter_num if cfg.init_from == "resume" else None)
 
     def checkpoint(rng_states):
         save_checkpoint(ckpt_path, {
@@ -368,6 +508,7 @@ def train(cfg):
                 dist.all_gather_object(rng_states, rng_state(cfg.device))
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             losses = estimate_loss(eval_model, data, cfg, autocast)
+            check_finite(losses["val"] + losses["train"], iter_num, cfg)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                                   "stage": stage, "kv_sources": raw_model.kv_sources}) + "\n")
@@ -412,6 +553,7 @@ def train(cfg):
 
         if master and iter_num % cfg.log_interval == 0:
             lossf = iter_loss.item()  # .item() waits for the GPU, so only at log time
+            check_finite(lossf, iter_num, cfg)
             dt = (time.time() - t0) / window_iters
             tokens_per_s = tokens_per_iter / dt
             if peak_label is None:
@@ -438,3 +580,5 @@ if __name__ == "__main__":
         train(configure(TrainConfig(), sys.argv[1:]))
     except UsageError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be written, a full disk
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")

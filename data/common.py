@@ -3,6 +3,7 @@
 A prepared dataset is a folder with train.bin and val.bin (flat arrays of token ids) and meta.json,
 which names the tokenizer and the id dtype so train.py and sample.py can rebuild both.
 """
+import gzip
 import json
 import os
 import urllib.error
@@ -12,13 +13,24 @@ import numpy as np
 from tqdm import tqdm
 
 
-def fetch_text(url, input_path, dest):
-    """Path of the source text: --input if given, else dest if already there, else download url to dest."""
+# Tiny Shakespeare ships with the repository (public domain, 1,115,394 characters, gzip -9), so the main
+# job needs no network.
+TINY_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare.txt.gz")
+
+
+def fetch_text(url, input_path, dest, embedded=None):
+    """Path of the source text: --input if given, else dest if already there, else the copy embedded in the
+    repository (unpacked to dest), else download url to dest."""
     if input_path:
         if not os.path.isfile(input_path):
             raise SystemExit(f"error: --input {input_path}: no such file")
         return input_path
     if os.path.isfile(dest):
+        return dest
+    if embedded and os.path.isfile(embedded):
+        with gzip.open(embedded, "rb") as f, open(dest + ".tmp", "wb") as out:
+            out.write(f.read())
+        os.replace(dest + ".tmp", dest)
         return dest
     print(f"downloading {url}")
     try:
@@ -50,11 +62,18 @@ def hf_meta(path):
         from tokenizers import Tokenizer
     except ImportError:
         raise SystemExit("error: a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
-    tok = Tokenizer.from_str(text)
-    eos = next((tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<|end_of_text|>") if tok.token_to_id(t) is not None), None)
-    return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "eot": eos, "tokenizer_json": text}
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # not UTF-8, not JSON, or not a tokenizer the library understands
+        raise SystemExit(f"error: {file} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+    def first_id(names):
+        return next((tok.token_to_id(t) for t in names if tok.token_to_id(t) is not None), None)
+    # LLaMA models are trained with a beginning-of-sequence token before every document: give them one
+    return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "bos": first_id(("<s>", "<|begin_of_text|>")),
+            "eot": first_id(("</s>", "<|endoftext|>", "<|end_of_text|>")), "tokenizer_json": text}
 
 
 def bpe_meta(name):
@@ -81,18 +100,26 @@ def tokenizer_from_meta(meta):
         return encode, lambda ids: "".join(itos[i] for i in ids)
     if kind == "gpt2":
         import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline, with no cached copy of the BPE files
+            raise SystemExit(f"error: cannot load tiktoken's GPT-2 BPE files ({type(e).__name__}); on a machine "
+                             f"without network point TIKTOKEN_CACHE_DIR at a local copy") from None
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
     if kind == "hf":
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(meta["tokenizer_json"])
 
-        def encode(s):  # documents separated by <|endoftext|> get the tokenizer's end-of-text id
+        bos, eot = meta.get("bos"), meta.get("eot")
+
+        def encode(s):  # each document starts with BOS (if the tokenizer has one); <|endoftext|> between them
             ids = []
             for i, doc in enumerate(s.split("<|endoftext|>")):
-                ids += ([meta["eot"]] if i and meta["eot"] is not None else []) + tok.encode(doc, add_special_tokens=False).ids
+                ids += ([eot] if i and eot is not None else []) + ([bos] if bos is not None else [])
+                ids += tok.encode(doc, add_special_tokens=False).ids
             return ids
-        return encode, lambda ids: tok.decode(ids, skip_special_tokens=False)
+        # the BOS that encode adds is not part of the text: decoding leaves it out
+        return encode, lambda ids: tok.decode([i for i in ids if i != bos], skip_special_tokens=False)
     raise ValueError(f"unknown tokenizer {kind!r} in dataset meta")
 
 
@@ -128,18 +155,34 @@ def write_dataset(out_dir, meta, train_chunks, val_chunks):
     """Write train.bin, val.bin and meta.json (with the id dtype) into out_dir."""
     encode, _ = tokenizer_from_meta(meta)
     meta = dict(meta, dtype=np.dtype(id_dtype(meta["vocab_size"])).name)
-    for split, chunks in (("train", train_chunks), ("val", val_chunks)):
-        n = write_tokens(chunks, encode, os.path.join(out_dir, f"{split}.bin"), meta["vocab_size"])
-        print(f"{split}: {n:,} tokens")
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    try:
+        for split, chunks in (("train", train_chunks), ("val", val_chunks)):
+            n = write_tokens(chunks, encode, os.path.join(out_dir, f"{split}.bin"), meta["vocab_size"])
+            if n < 2:
+                raise SystemExit(f"error: the {split} split has {n} tokens: the text is too short to train on")
+            print(f"{split}: {n:,} tokens")
+        with open(os.path.join(out_dir, "meta.json"), "w") as f:
+            json.dump(meta, f)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {out_dir} ({e.strerror})") from None
     print(f"wrote {out_dir}/train.bin, val.bin, meta.json (tokenizer {meta['tokenizer']}, vocab {meta['vocab_size']})")
+
+
+def read_text(path):
+    """A UTF-8 text file, or one clear line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}); convert it first, "
+                         f"e.g. iconv -t utf-8") from None
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path} ({e.strerror})") from None
 
 
 def prepare_split_text(url, input_path, out_dir, make_meta):
     """Tiny Shakespeare style: one text file, first 90% train, last 10% val."""
-    with open(fetch_text(url, input_path, os.path.join(out_dir, "input.txt")), encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(fetch_text(url, input_path, os.path.join(out_dir, "input.txt"), TINY_SHAKESPEARE))
     if not text:
         raise SystemExit("error: the input text is empty")
     print(f"{len(text):,} characters")
@@ -157,5 +200,10 @@ def parse_args(argv, default_out_dir, bpe=False):
     if bpe:
         p.add_argument("--tokenizer", default="gpt2", help="gpt2, or hf:PATH for an imported model's tokenizer.json")
     args = p.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SystemExit(f"error: --out_dir {args.out_dir} exists and is not a folder")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create --out_dir {args.out_dir} ({e.strerror})") from None
     return (args.input, args.out_dir, bpe_meta(args.tokenizer)) if bpe else (args.input, args.out_dir)

@@ -90,7 +90,7 @@ def edited_config(tmp_path, hf_dir, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(architectures=["GPT2LMHeadModel"]), "architecture \\['GPT2LMHeadModel'\\] is not supported"),
-    (dict(intermediate_size=100), "mlp.(gate|up|down)_proj.weight has shape .*96.*, but config.json implies .*100"),
+    (dict(intermediate_size=100), "mlp.(gate|up|down)_proj.weight has shape .*96.*, the config implies .*100"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope scaling .* is not supported"),
     (dict(attention_bias=True), "biases"),
 ])

@@ -77,3 +77,19 @@ def test_repeated_generation_never_recompiles(monkeypatch):
             eager = torch.cat(list(model.generate_tokens(prompt, 12, temperature=0)), 1)
             assert torch.equal(runs[-1], eager)
     assert not torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_inference_layout_changes_strides_only(tied):
+    from model import inference_layout
+    model = build("echo:2", 6, 2, tied).eval()
+    idx = torch.randint(0, 83, (2, 9))
+    before = model(idx, all_logits=True)[0]
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    inference_layout(inference_layout(model))  # idempotent
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.stride() == (1, m.weight.size(0))  # (in, out)-contiguous
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    torch.testing.assert_close(model(idx, all_logits=True)[0], before, atol=1e-5, rtol=1e-5)

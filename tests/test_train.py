@@ -75,12 +75,18 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     (["--n_layer=3.5"], "n_layer=3.5 in --n_layer=3.5: expected int, got float"),
     (["--learning_rate=fast"], "expected float, got str"),
     (["--compile=1"], "expected bool, got int"),
-    (["--compile"], "expected --key=value"),
+    (["--n_layer"], "expected --key=value \\(n_layer needs a value of type int\\)"),
+    (["--no_such_flag"], "unknown config key 'no_such_flag'"),
     (["no_such_config.py"], "config file 'no_such_config.py' not found"),
 ])
 def test_bad_settings_are_rejected(argv, match):
     with pytest.raises(UsageError, match=match):
         configure(TrainConfig(), argv)
+
+
+def test_a_bare_flag_means_true_and_is_recorded_as_set():
+    cfg = configure(TrainConfig(), ["--compile", "--adapt_freeze", "--compile=False"])
+    assert (cfg.compile, cfg.adapt_freeze) == (False, True) and cfg.explicit == {"compile", "adapt_freeze"}
 
 
 def test_settings_apply_in_order(tmp_path):

@@ -1,6 +1,6 @@
 """Tiny Shakespeare with a BPE tokenizer, GPT-2's (tiktoken) by default: 90/10 split, uint16 memmaps + meta.json.
 
-    python data/shakespeare/prepare.py                 # downloads input.txt (and tiktoken's GPT-2 files)
+    python data/shakespeare/prepare.py                 # the text shipped in data/ (tiktoken's GPT-2 files download once)
     python data/shakespeare/prepare.py --input PATH    # offline: a local input.txt; set TIKTOKEN_CACHE_DIR too
     python data/shakespeare/prepare.py --tokenizer=hf:PATH   # an imported model's tokenizer.json instead
 """

@@ -1,6 +1,6 @@
 """Character-level Tiny Shakespeare: 65 symbols, 90/10 split, uint16 memmaps + meta.json.
 
-    python data/shakespeare_char/prepare.py                 # downloads input.txt
+    python data/shakespeare_char/prepare.py                 # the copy shipped in data/, no network
     python data/shakespeare_char/prepare.py --input PATH    # offline: a local copy of input.txt
 """
 import os
