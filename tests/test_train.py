@@ -117,3 +117,17 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     assert evals[-1]["iter"] == 10 and evals[-1]["val_loss"] < evals[0]["val_loss"]
     states = load_checkpoint(tmp_path / "ckpt.pt")["rng_states"]  # one per rank, each its own dropout stream
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
+
+
+def test_mfu_is_printed_with_the_peak_it_is_against(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path / "a", max_iters=10, log_interval=5)
+    logs = [r for r in read_log(tmp_path / "a") if "loss" in r]
+    assert all(r["mfu"] > 0 and r["mfu_of"].startswith("measured ") and "float32 matmul" in r["mfu_of"] for r in logs)
+    assert f"% of {logs[0]['mfu_of']}" in capsys.readouterr().out
+    run(data_dir, tmp_path / "b", max_iters=10, log_interval=5, peak_flops=1e9)
+    given = [r for r in read_log(tmp_path / "b") if "loss" in r]
+    assert given[-1]["mfu_of"] == "given 1 GFLOP/s" and given[-1]["mfu"] == pytest.approx(
+        given[-1]["tokens_per_s"] * model_module.training_flops_per_token(
+            model_module.ModelConfig(vocab_size=28, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32), 32) / 1e9)
+    run(data_dir, tmp_path / "c", max_iters=10, log_interval=5, peak_flops=0.0)
+    assert all(r["mfu"] is None for r in read_log(tmp_path / "c") if "loss" in r)
