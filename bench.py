@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from tqdm import tqdm
 
 from model import (LLaMA, ModelConfig, UsageError, compile_decode_step, decode_bytes_per_step, device_peak,
                    inference_layout, kv_cache_bytes, training_flops_per_token)
@@ -224,10 +225,18 @@ def run(cfg):
     for measure in (train_round, inference_round):
         if measure.__name__.split("_")[0] not in parts:
             continue
+        name = measure.__name__.replace("_", " ")
+        # on a terminal a progress bar over rounds x variants; piped, one line per round
+        bar = tqdm(total=cfg.rounds * len(variants), desc=name + "s", unit="turn") if sys.stderr.isatty() else None
         for r in range(cfg.rounds):
-            print(f"{measure.__name__.replace('_', ' ')} {r + 1}/{cfg.rounds}", file=sys.stderr)
+            if not bar:
+                print(f"{name} {r + 1}/{cfg.rounds}", file=sys.stderr)
             for v in variants:
                 turn(v, measure)
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
 
     peak_flops, flops_label = device_peak("flops", cfg.device, dtype, cfg.peak_flops)
     peak_bytes, bytes_label = device_peak("bytes", cfg.device, dtype, cfg.peak_bytes)

@@ -381,10 +381,6 @@ class LLaMA(nn.Module):
     def flops_per_token(self, seq_len=None):
         return training_flops_per_token(self.config, seq_len or self.config.block_size)
 
-    def estimate_mfu(self, tokens_per_sec, seq_len=None, peak_flops=None):
-        """Model FLOPs utilisation: training FLOP/s achieved over peak_flops (see device_peak)."""
-        return None if not peak_flops else self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
-
 
 def inference_layout(model):
     """On a CPU, store every Linear weight (in, out)-contiguous: the same shapes, values and state_dict,

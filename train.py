@@ -7,6 +7,7 @@ Settings: the defaults in TrainConfig below, then a config file, then --key=valu
 """
 import ast
 import contextlib
+import copy
 import difflib
 import json
 import math
@@ -19,7 +20,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from model import (LLaMA, ModelConfig, UsageError, convert_kv_share, device_peak, load_checkpoint,
                    model_from_checkpoint, read_json, resolve_kv_sources, save_checkpoint, set_dropout)
@@ -59,6 +62,10 @@ class TrainConfig:
     kv_share_target: str = ""             # e.g. 'echo:4': convert its consumers top-down in stages of 1, 2, 4, ...
     adapt_iters: int = 0                  # iterations per stage; after the stages, full fine-tuning to max_iters
     adapt_freeze: bool = False            # during the stages, train only the converted layers (+ producers' K/V)
+    # distillation (see README): loss = (1 - a) * CE + a * T^2 * KL(teacher || student), a = distill_alpha
+    distill_alpha: float = 0.0            # 0 = off
+    distill_temperature: float = 1.0      # T: both distributions are softened by it
+    distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:DIR, hf:PATH
     # AdamW, linear warmup then cosine decay to min_lr
     learning_rate: float = 1e-3
     max_iters: int = 2000
@@ -160,6 +167,15 @@ def check_settings(cfg):
         raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR or hf:PATH")
     if cfg.kv_share_target and cfg.init_from == "scratch":
         raise UsageError("kv_share_target converts a trained model: use it with init_from=ckpt:DIR or hf:PATH")
+    if not 0 <= cfg.distill_alpha <= 1:
+        raise UsageError(f"distill_alpha={cfg.distill_alpha}: expected 0 <= distill_alpha <= 1 (0 = off)")
+    if not (cfg.distill_temperature > 0 and math.isfinite(cfg.distill_temperature)):
+        raise UsageError(f"distill_temperature={cfg.distill_temperature}: expected a number > 0")
+    if cfg.distill_from and not cfg.distill_from.startswith(("ckpt:", "hf:")):
+        raise UsageError(f"distill_from={cfg.distill_from!r}: expected '' (the model as loaded), ckpt:DIR or hf:PATH")
+    if cfg.distill_alpha > 0 and cfg.init_from == "scratch" and not cfg.distill_from:
+        raise UsageError("distill_alpha > 0 needs a teacher: a run from scratch has none, so give distill_from="
+                         "ckpt:DIR or hf:PATH")
     check_device(cfg.device)
     precision(cfg.device, cfg.dtype)
 
@@ -267,7 +283,7 @@ def estimate_loss(model, data, cfg, autocast):
     model.eval()
     out = {}
     for split in ("train", "val"):
-        g = torch.Generator().manual_seed(cfg.seed + (split == "val"))
+        g = torch.Generator().manual_seed(1337 + (split == "val"))  # not cfg.seed: runs of any seed compare
         losses = []
         for _ in range(cfg.eval_iters):
             x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, g)
@@ -281,7 +297,8 @@ def estimate_loss(model, data, cfg, autocast):
 # ----------------------------------------------------------------------------------------------------
 # Where the model comes from, and the layer-wise conversion schedule
 
-RUN_SETTINGS = ("kv_share_target", "adapt_iters", "adapt_freeze", "kv_init")  # the schedule: a run keeps it
+RUN_SETTINGS = ("kv_share_target", "adapt_iters", "adapt_freeze", "kv_init",  # schedule and teacher: a run
+                "distill_alpha", "distill_temperature", "distill_from")         # keeps them on resume
 
 
 def same_tokens(a, b):
@@ -314,34 +331,68 @@ def resume_checkpoint(cfg, meta):
     return ckpt
 
 
+def load_pretrained(source, cfg, meta):
+    """The model that ckpt:DIR or hf:PATH names, checked to read the dataset's tokens."""
+    if source.startswith("ckpt:"):
+        path = os.path.join(source[5:], "ckpt.pt")
+        ckpt = load_checkpoint(path, require=("meta",))
+        if not isinstance(ckpt["meta"], dict) or not same_tokens(ckpt["meta"], meta):
+            raise UsageError(f"{source} was trained on other tokens than dataset '{cfg.dataset}'")
+        return model_from_checkpoint(ckpt, path)
+    model = LLaMA.from_pretrained(source[3:])
+    if meta["tokenizer"] != "hf" or meta["vocab_size"] > model.config.vocab_size:
+        raise UsageError(f"dataset '{cfg.dataset}' is not tokenized for {source}: prepare it with --tokenizer={source}")
+    return model
+
+
 def initial_model(cfg, meta):
-    """(model, checkpoint or None) as init_from says; a fine-tuned model must share the data's tokenizer."""
+    """(model, checkpoint to resume or None, teacher or None, where the teacher comes from or None), as
+    init_from and distill_* say. The default teacher is the model as loaded, before any conversion."""
+    teacher = teacher_from = None
     if cfg.init_from == "scratch":
         vocab = meta["vocab_size"]
         if vocab >= 6400:  # pad a large vocabulary to a multiple of 64 (faster matmuls; under 1% more rows)
             vocab = 64 * math.ceil(vocab / 64)
-        return LLaMA(model_config(cfg, vocab)), None
-    if cfg.init_from == "resume":
+        model, ckpt, teacher_from = LLaMA(model_config(cfg, vocab)), None, cfg.distill_from or None
+    elif cfg.init_from == "resume":
         ckpt = resume_checkpoint(cfg, meta)
         model = model_from_checkpoint(ckpt, os.path.join(cfg.out_dir, "ckpt.pt"))
-        return (set_dropout(model, cfg.dropout) if "dropout" in cfg.explicit else model), ckpt
-    if cfg.init_from.startswith("ckpt:"):
-        path = os.path.join(cfg.init_from[5:], "ckpt.pt")
-        source = load_checkpoint(path, require=("meta",))
-        if not isinstance(source["meta"], dict) or not same_tokens(source["meta"], meta):
-            raise UsageError(f"{cfg.init_from} was trained on other tokens than dataset '{cfg.dataset}'")
-        model = model_from_checkpoint(source, path)
+        if "dropout" in cfg.explicit:
+            set_dropout(model, cfg.dropout)
+        teacher_from = ckpt.get("teacher_from")
     else:
-        model = LLaMA.from_pretrained(cfg.init_from[3:])
-        if meta["tokenizer"] != "hf" or meta["vocab_size"] > model.config.vocab_size:
-            raise UsageError(f"dataset '{cfg.dataset}' is not tokenized for {cfg.init_from}: prepare it "
-                             f"with --tokenizer={cfg.init_from}")
-    set_dropout(model, cfg.dropout)  # fine-tuning: dropout is this run's setting, not the source's
-    # one-shot conversion, if asked for (without --kv_share the model keeps the sharing it has)
-    if "kv_share" in cfg.explicit and not cfg.kv_share_target:
-        if model.kv_sources != resolve_kv_sources(cfg.kv_share, model.config.n_layer):
-            model = convert_kv_share(model, cfg.kv_share, cfg.kv_init)
-    return model, None
+        model, ckpt = load_pretrained(cfg.init_from, cfg, meta), None
+        set_dropout(model, cfg.dropout)  # fine-tuning: dropout is this run's setting, not the source's
+        teacher_from = cfg.distill_from or cfg.init_from
+        if cfg.distill_alpha > 0 and teacher_from == cfg.init_from:
+            teacher = copy.deepcopy(model)  # the model as loaded, before the conversion below
+        # one-shot conversion, if asked for (without --kv_share the model keeps the sharing it has)
+        if "kv_share" in cfg.explicit and not cfg.kv_share_target:
+            if model.kv_sources != resolve_kv_sources(cfg.kv_share, model.config.n_layer):
+                model = convert_kv_share(model, cfg.kv_share, cfg.kv_init)
+    if cfg.distill_alpha == 0:
+        return model, ckpt, None, None
+    if teacher is None:
+        try:
+            teacher = load_pretrained(teacher_from, cfg, meta)
+        except UsageError as e:
+            raise UsageError(f"cannot load the teacher from {teacher_from}: {e}") from None
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"the teacher {teacher_from} has a vocabulary of {teacher.config.vocab_size}, "
+                         f"the student {model.config.vocab_size}: they must be the same")
+    if teacher.config.block_size < cfg.block_size:
+        raise UsageError(f"block_size={cfg.block_size} exceeds the teacher's context {teacher.config.block_size}")
+    teacher.eval().requires_grad_(False)  # frozen: no gradients, no optimizer state, no dropout
+    return model, ckpt, teacher, teacher_from
+
+
+def distill_loss(student_logits, teacher_logits, temperature):
+    """T^2 * KL(teacher || student) of the temperature-softened distributions, averaged over positions.
+    The T^2 keeps the gradient on the scale of the cross-entropy's as T changes (Hinton et al., 2015)."""
+    V = student_logits.size(-1)
+    student = F.log_softmax(student_logits.reshape(-1, V).float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.reshape(-1, V).float() / temperature, dim=-1)
+    return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def adaptation_stages(start, target_spec):
@@ -422,9 +473,10 @@ def train(cfg):
 
     data, meta = load_dataset(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    model, ckpt = initial_model(cfg, meta)
+    model, ckpt, teacher, teacher_from = initial_model(cfg, meta)
     torch.manual_seed(cfg.seed + rank)  # ... but each rank its own dropout stream
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    train_seconds = float(ckpt.get("train_seconds", 0.0)) if ckpt else 0.0  # wall time training, evals excluded
     if cfg.init_from != "scratch":  # the model's shape (and dropout, as set on it) wins over the settings
         for k, v in asdict(model.config).items():
             if k not in ("vocab_size", "block_size"):
@@ -456,6 +508,9 @@ def train(cfg):
 
     stage = ckpt.get("stage", stage_at(iter_num)) if ckpt else stage_at(iter_num)  # the optimizer state's stage
     raw_model, model, eval_model, optimizer = setup(model, stage)
+    if teacher is not None:  # in the run's dtype under its autocast, compiled when the student is
+        teacher = teacher.to(cfg.device)
+        teacher_fn = torch.compile(teacher) if cfg.compile else teacher
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     if ckpt:
         try:
@@ -490,13 +545,22 @@ def train(cfg):
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), iter_num if cfg.init_from == "resume" else None)
+    # on a terminal, a progress bar with the ETA and the latest figures; piped (CI, nohup), plain lines
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, unit="it", dynamic_ncols=True) if (
+        master and sys.stderr.isatty()) else None
+    say = bar.write if bar else print
 
     def checkpoint(rng_states):
         save_checkpoint(ckpt_path, {
             "model_args": asdict(raw_model.config), "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "config": asdict(cfg), "meta": meta, "rng_states": rng_states,
-            "adapt_stages": stages, "stage": stage})
+            "adapt_stages": stages, "stage": stage, "teacher_from": teacher_from, "train_seconds": train_seconds})
+
+    def progress():
+        """What every log line carries for plots: where the run is, in tokens and training seconds."""
+        return {"tokens": iter_num * tokens_per_iter, "train_seconds": round(train_seconds, 3), "stage": stage,
+                "kv_share": raw_model.config.kv_share}
 
     peak_flops = peak_label = None  # measured (if need be) at the first log line, outside the timed window
     t0, window_iters = time.time(), 0
@@ -507,11 +571,12 @@ def train(cfg):
                 rng_states = [None] * world
                 dist.all_gather_object(rng_states, rng_state(cfg.device))
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
+            train_seconds += time.time() - t0
             losses = estimate_loss(eval_model, data, cfg, autocast)
             check_finite(losses["val"] + losses["train"], iter_num, cfg)
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                  "stage": stage, "kv_sources": raw_model.kv_sources}) + "\n")
+                                  **progress(), "kv_sources": raw_model.kv_sources}) + "\n")
             log.flush()
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
@@ -524,22 +589,29 @@ def train(cfg):
             stage = stage_at(iter_num)
             raw_model, model, eval_model, optimizer = setup(raw_model, stage)
             if master:
-                print(f"stage {stage}: kv_sources={raw_model.kv_sources}"
-                      + (" (full fine-tuning)" if stage == len(stages) else ""))
+                say(f"stage {stage}: kv_sources={raw_model.kv_sources}"
+                    + (" (full fine-tuning)" if stage == len(stages) else ""))
 
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x_all, y_all = get_batch(data["train"], accum * cfg.batch_size, cfg.block_size,
                                  batch_generator(cfg.seed, iter_num, rank))
-        iter_loss = 0.0  # mean over micro-steps, kept on the device until logged
+        iter_loss = iter_ce = iter_kd = 0.0  # means over micro-steps, kept on the device until logged
         for micro in range(accum):
             x = x_all[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)
             y = y_all[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)
             # DDP all-reduces gradients only on the last micro-step
             sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
             with sync, autocast:
-                loss = model(x, y)[1] / accum  # average, not sum, over micro-steps
+                logits, loss = model(x, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher_fn(x, all_logits=True)[0]
+                    kd = distill_loss(logits, teacher_logits, cfg.distill_temperature)
+                    iter_ce, iter_kd = iter_ce + loss.detach() / accum, iter_kd + kd.detach() / accum
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+                loss = loss / accum  # average, not sum, over micro-steps
             scaler.scale(loss).backward()
             iter_loss += loss.detach()
         if cfg.grad_clip:
@@ -550,25 +622,42 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         window_iters += 1
+        if bar:
+            bar.update(1)
 
         if master and iter_num % cfg.log_interval == 0:
             lossf = iter_loss.item()  # .item() waits for the GPU, so only at log time
             check_finite(lossf, iter_num, cfg)
-            dt = (time.time() - t0) / window_iters
+            now = time.time()
+            dt, train_seconds = (now - t0) / window_iters, train_seconds + now - t0
             tokens_per_s = tokens_per_iter / dt
             if peak_label is None:
                 peak_flops, peak_label = device_peak("flops", cfg.device, ptdtype, cfg.peak_flops)
             frozen = any(not p.requires_grad for p in raw_model.parameters())  # FLOP count assumes full backward
-            mfu = None if frozen else raw_model.estimate_mfu(tokens_per_s / world, cfg.block_size, peak_flops)
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_s:,.0f} tok/s"
-                  + (f", mfu {mfu * 100:.1f}% of {peak_label}" if mfu is not None else ""))
-            log.write(json.dumps({"iter": iter_num, "loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s,
+            # the model FLOPs of a step: the student's forward and backward, and the teacher's forward (1/3)
+            flops = raw_model.flops_per_token(cfg.block_size) + (
+                teacher.flops_per_token(cfg.block_size) / 3 if teacher is not None else 0)
+            mfu = None if frozen or not peak_flops else flops * tokens_per_s / world / peak_flops
+            parts = {"ce": iter_ce.item(), "kd": iter_kd.item()} if teacher is not None else {}
+            if bar:
+                bar.set_postfix_str(f"loss {lossf:.4f}, {tokens_per_s:,.0f} tok/s"
+                                    + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))
+            else:
+                print(f"iter {iter_num}: loss {lossf:.4f}" + "".join(f", {k} {v:.4f}" for k, v in parts.items())
+                      + f", lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_s:,.0f} tok/s"
+                      + (f", mfu {mfu * 100:.1f}% of {peak_label}" if mfu is not None else "")
+                      + (" (with the teacher's forward)" if mfu is not None and teacher is not None else ""))
+            log.write(json.dumps({"iter": iter_num, "loss": lossf, **parts, "lr": lr, "tokens_per_s": tokens_per_s,
                                   "mfu": mfu, "mfu_of": peak_label if mfu is not None else None,
-                                  "stage": stage}) + "\n")
+                                  **progress()}) + "\n")
             t0, window_iters = time.time(), 0
 
     if master:
         log.close()
+        if bar:
+            bar.close()
+            if peak_label:
+                print(f"mfu is against {peak_label}" + (" (with the teacher's forward)" if teacher is not None else ""))
     if ddp:
         dist.barrier()  # without it, gloo can abort at exit while a peer is still tearing down
         dist.destroy_process_group()

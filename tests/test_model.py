@@ -116,8 +116,7 @@ def test_flops_count_only_the_kv_projections_that_exist():
     model = LLaMA(echo)
     # attention scores are still computed in all 6 layers
     assert model.flops_per_token(256) - model.flops_per_token(128) == 12 * 6 * echo.n_head * echo.head_dim * 128
-    assert model.estimate_mfu(1000.0, peak_flops=1e12) == pytest.approx(model.flops_per_token() * 1000 / 1e12)
-    assert model.estimate_mfu(1000.0, peak_flops=None) is None
+    assert model.flops_per_token() == training_flops_per_token(echo, echo.block_size)
 
 
 @pytest.mark.parametrize("spec,match", [
