@@ -1,6 +1,8 @@
 """Look at runs and models.
 
     python analyze.py runs out-shakespeare-char-cpu out-shakespeare-char-cpu-echo --plot=curves.png
+    python analyze.py layers --out_dir=out-shakespeare-char-cpu --n_producers=2 --plot=layers.png
+    python analyze.py layers --init_from=hf:/models/TinyLlama-1.1B --dataset=tinystories --n_producers=11
 
 runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s),
 and with --plot the loss curves against tokens seen and against training seconds (evals excluded), one colour
@@ -8,11 +10,19 @@ per run labelled with its kv_share, the layer-wise conversion stages marked. mat
 --plot.
 """
 import argparse
+import contextlib
+import itertools
 import json
+import math
 import os
 import sys
+from types import SimpleNamespace
 
-from model import UsageError
+import numpy as np
+import torch
+
+from model import UsageError, convert_kv_share, load_checkpoint, model_from_checkpoint, resolve_kv_sources
+from train import check_device, get_batch, load_dataset, load_pretrained, same_tokens
 
 
 def read_run(folder):
@@ -96,6 +106,239 @@ def runs_main(args):
         print(f"wrote {args.plot}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# layers: which layers can give up their own K/V most cheaply
+
+@contextlib.contextmanager
+def reading(model, sources):
+    """Let layers read other layers' K/V without converting the model: the forward loop follows
+    model.kv_sources, and a producer handed another layer's K/V uses them (its own wk/wv sit idle).
+    So layer j reads layer i's K/V exactly as layer i computes them now, and nothing else changes."""
+    old, model.kv_sources = model.kv_sources, sources
+    try:
+        yield model
+    finally:
+        model.kv_sources = old
+
+
+@torch.no_grad()
+def mean_loss(model, batches):
+    return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+
+
+@torch.no_grad()
+def layer_similarities(model, batches):
+    """(K/V similarity, attention similarity), each (L, L): the mean cosine of layers' K and V vectors per
+    head and position, and EchoAtt's view, the mean cosine of their causal attention maps per head."""
+    captured = {}
+
+    def hook(i):
+        def record(module, args, output):
+            q = module.queries(args[0], args[1], args[2])      # (B, H, T, hd)
+            k, v = output[1]                                   # (B, KVH, T, hd)
+            G = q.size(1) // k.size(1)
+            scores = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, T)
+            T = q.size(2)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            captured.setdefault(i, []).append((k, v, att))
+        return record
+
+    handles = [layer.attention.register_forward_hook(hook(i)) for i, layer in enumerate(model.layers)]
+    try:
+        for x, _ in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    L = len(model.layers)
+    kv_sim, att_sim = np.eye(L), np.eye(L)
+    cos = torch.nn.functional.cosine_similarity
+    for i, j in itertools.combinations(range(L), 2):
+        pairs = list(zip(captured[i], captured[j]))
+        kv_sim[i, j] = kv_sim[j, i] = np.mean([(cos(a[0], b[0], dim=-1).mean() + cos(a[1], b[1], dim=-1).mean()).item() / 2
+                                               for a, b in pairs])
+        att_sim[i, j] = att_sim[j, i] = np.mean([cos(a[2].flatten(-2), b[2].flatten(-2), dim=-1).mean().item()
+                                                 for a, b in pairs])
+    return kv_sim, att_sim
+
+
+def share_costs(model, batches):
+    """(L, L) matrix: cost[i, j] (i < j) is the rise in loss when layer j reads layer i's K/V instead of
+    its own, nothing else changed, no training. The diagonal and below are 0. Also returns the base loss."""
+    L = len(model.layers)
+    base = mean_loss(model, batches)
+    cost = np.zeros((L, L))
+    for i, j in itertools.combinations(range(L), 2):
+        sources = list(range(L))
+        sources[j] = i
+        with reading(model, sources):
+            cost[i, j] = mean_loss(model, batches) - base
+    return cost, base
+
+
+def sources_for(cost, producers):
+    """Every layer reads the producer at or below it that costs it least."""
+    return [i if i in producers else min((p for p in producers if p < i), key=lambda p: cost[p, i])
+            for i in range(len(cost))]
+
+
+def summed_cost(cost, sources):
+    return sum(cost[s, i] for i, s in enumerate(sources) if s != i)
+
+
+def choose_sources(cost, n_producers, exact_up_to=24):
+    """kv_sources with n_producers producers (layer 0 among them) minimising the summed pairwise cost.
+    Exact for up to `exact_up_to` layers: every producer set is tried (vectorised over sets); beyond that,
+    greedy: add, one at a time, the producer that lowers the summed cost most. Returns (sources, exact)."""
+    L = len(cost)
+    if not 1 <= n_producers <= L:
+        raise UsageError(f"n_producers={n_producers}: expected 1 to n_layer={L}")
+    if L > exact_up_to:
+        producers = {0}
+        while len(producers) < n_producers:
+            best = min(set(range(L)) - producers, key=lambda p: summed_cost(cost, sources_for(cost, producers | {p})))
+            producers.add(best)
+        return sources_for(cost, producers), False
+    best, best_total = None, float("inf")
+    combos = itertools.combinations(range(1, L), n_producers - 1)
+    while True:
+        sets = list(itertools.islice(combos, 100_000))  # the other producers, n_producers - 1 of them a set
+        if not sets:
+            break
+        chunk = np.array(sets, dtype=np.int64).reshape(len(sets), n_producers - 1)
+        is_producer = np.zeros((len(chunk), L), dtype=bool)
+        is_producer[:, 0] = True
+        np.put_along_axis(is_producer, chunk, True, axis=1)
+        total = np.zeros(len(chunk))
+        for j in range(1, L):  # a consumer j pays its cheapest producer below it
+            below = np.where(is_producer[:, :j], cost[:j, j][None, :], np.inf).min(axis=1)
+            total += np.where(is_producer[:, j], 0.0, below)
+        k = int(total.argmin())
+        if total[k] < best_total:
+            best, best_total = {0, *chunk[k].tolist()}, total[k]
+    return sources_for(cost, best), True
+
+
+def cla_like(n_layer, n_producers):
+    """cla:G if some G gives exactly n_producers groups, else the nearest CLA-like spec: groups of
+    adjacent layers as even as possible, the bottom layer of each producing. (spec, description)."""
+    for g in range(1, n_layer + 1):
+        if math.ceil(n_layer / g) == n_producers:
+            return f"cla:{g}", f"cla:{g}"
+    starts = sorted({round(k * n_layer / n_producers) for k in range(n_producers)})
+    sources = [max(s for s in starts if s <= i) for i in range(n_layer)]
+    spec = ",".join(map(str, sources))
+    return spec, f"CLA-like {spec}"
+
+
+def matrix_table(name, m, fmt):
+    L = len(m)
+    lines = [f"{name} (row i = the layer read, column j = the reader)", "      " + "".join(f"{j:>8}" for j in range(L))]
+    for i in range(L):
+        lines.append(f"{i:>6}" + "".join(f"{m[i, j]:>8{fmt}}" if i < j else f"{'':>8}" for j in range(L)))
+    return "\n".join(lines)
+
+
+def plot_layers(cost, kv_sim, att_sim, file, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    L = len(cost)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    upper = np.triu(np.ones((L, L), dtype=bool), 1)
+    for ax, m, name, cmap in zip(axes, (cost, kv_sim, att_sim),
+                                 ("cost: loss rise when j reads i's K/V", "K/V similarity (cosine)",
+                                  "attention-map similarity (cosine)"), ("magma_r", "viridis", "viridis")):
+        shown = np.ma.masked_where(~upper, m)
+        im = ax.imshow(shown, cmap=cmap)
+        for i, j in zip(*np.nonzero(upper)) if L <= 12 else ():
+            r, g, b, _ = im.cmap(im.norm(m[i, j]))
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w")  # readable on its cell
+        ax.set(title=name, xlabel="reader j", ylabel="source i", xticks=range(L), yticks=range(L))
+        ax.title.set_fontsize(9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        fig.savefig(file, dpi=80)
+    except OSError as e:
+        raise UsageError(f"cannot write {file} ({e.strerror})") from None
+    plt.close(fig)
+
+
+def layers_main(args):
+    check_device(args.device)
+    if bool(args.out_dir) == bool(args.init_from):
+        raise UsageError("give one of --out_dir=DIR (a train.py checkpoint) or --init_from=hf:PATH")
+    if args.init_from and not args.init_from.startswith("hf:"):
+        raise UsageError(f"--init_from={args.init_from}: expected hf:PATH (for a train.py checkpoint use --out_dir)")
+    if args.batches < 1 or args.batch_size < 1:
+        raise UsageError("--batches and --batch_size must be at least 1")
+    if args.out_dir:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path, require=("meta",))
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        dataset = args.dataset or config.get("dataset")
+        if not dataset:
+            raise UsageError(f"{path} does not name its dataset: give --dataset=NAME")
+        cfg = SimpleNamespace(data_dir=args.data_dir or config.get("data_dir", "data"), dataset=dataset,
+                              block_size=args.block_size or config.get("block_size", 0))
+    else:
+        if not args.dataset:
+            raise UsageError("--init_from=hf:PATH needs --dataset=NAME, a dataset prepared with its tokenizer")
+        cfg = SimpleNamespace(data_dir=args.data_dir or "data", dataset=args.dataset, block_size=args.block_size or 512)
+    if cfg.block_size < 1:
+        raise UsageError("--block_size must be at least 1")
+    data, meta = load_dataset(cfg)
+    if args.out_dir:
+        if not isinstance(ckpt["meta"], dict) or not same_tokens(ckpt["meta"], meta):
+            raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
+        model = model_from_checkpoint(ckpt, path)
+    else:
+        model = load_pretrained(args.init_from, cfg, meta)
+    if model.config.kv_share != "none" and len(model.producers) != len(model.layers):
+        raise UsageError(f"the model already shares K/V (kv_share={model.config.kv_share}): analyze the model "
+                         f"it was converted from")
+    L = model.config.n_layer
+    if not 1 <= args.n_producers <= L:
+        raise UsageError(f"--n_producers={args.n_producers}: expected 1 to n_layer={L}")
+    cfg.block_size = min(cfg.block_size, model.config.block_size)
+    model = model.to(args.device).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    batches = [tuple(t.to(args.device) for t in get_batch(data["val"], args.batch_size, cfg.block_size, g))
+               for _ in range(args.batches)]
+
+    cost, base = share_costs(model, batches)
+    kv_sim, att_sim = layer_similarities(model, batches[:args.similarity_batches])
+    sources, exact = choose_sources(cost, args.n_producers)
+    name = args.out_dir or args.init_from
+    print(f"{name}: {L} layers, val loss {base:.4f} over {args.batches} batches of {args.batch_size} x {cfg.block_size}")
+    print(matrix_table("cost: rise in val loss when layer j reads layer i's K/V", cost, ".3f"))
+    print(matrix_table("K/V similarity: mean cosine of K and V vectors per head and position", kv_sim, ".2f"))
+    print(matrix_table("attention similarity: mean cosine of the causal attention maps per head", att_sim, ".2f"))
+    print(f"chosen ({'exact: every producer set tried' if exact else 'greedy: more than 24 layers'}): "
+          f"kv_sources={sources}, summed pairwise cost {summed_cost(cost, sources):.4f}")
+    # pairwise costs do not add up: measure each whole spec, converted one-shot with the producers' own K/V
+    candidates = [("chosen by cost", ",".join(map(str, sources)))]
+    if args.n_producers < L:
+        candidates.append((f"echo:{L - args.n_producers}", f"echo:{L - args.n_producers}"))
+    spec, label = cla_like(L, args.n_producers)
+    candidates.append((label, spec))
+    print(f"one-shot val loss at {args.n_producers} producers (no training; the unconverted model: {base:.4f}):")
+    for label, spec in candidates:
+        converted = convert_kv_share(model, spec, "keep").eval()
+        print(f"  {label:28} kv_sources={resolve_kv_sources(spec, L)}  val loss {mean_loss(converted, batches):.4f}")
+    if args.plot:
+        plot_layers(cost, kv_sim, att_sim, args.plot, f"{name}: which layers can share K/V")
+        print(f"wrote {args.plot}")
+    print(f"kv_share={','.join(map(str, sources))}")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 1, like every other script here
         raise UsageError(message)
@@ -107,8 +350,21 @@ def main(argv):
     runs = modes.add_parser("runs", help="loss curves and a table for train.py runs")
     runs.add_argument("dirs", nargs="+", help="train.py out_dir folders")
     runs.add_argument("--plot", default="", help="write the curves to this PNG")
+    layers = modes.add_parser("layers", help="which layers can read another layer's K/V most cheaply")
+    layers.add_argument("--out_dir", default="", help="a train.py out_dir (its ckpt.pt and dataset)")
+    layers.add_argument("--init_from", default="", help="hf:PATH, a local Hugging Face LLaMA")
+    layers.add_argument("--dataset", default="", help="the dataset to evaluate on (default: the checkpoint's)")
+    layers.add_argument("--data_dir", default="", help="where datasets live (default: the checkpoint's, else data)")
+    layers.add_argument("--n_producers", type=int, required=True, help="how many layers keep their own K/V")
+    layers.add_argument("--batches", type=int, default=20, help="val batches for the costs")
+    layers.add_argument("--similarity_batches", type=int, default=4, help="of those, for the similarities")
+    layers.add_argument("--batch_size", type=int, default=8)
+    layers.add_argument("--block_size", type=int, default=0, help="context (default: the run's)")
+    layers.add_argument("--seed", type=int, default=1337)
+    layers.add_argument("--device", default="cpu")
+    layers.add_argument("--plot", default="", help="write the three heat maps to this PNG")
     args = parser.parse_args(argv)
-    runs_main(args)
+    (runs_main if args.mode == "runs" else layers_main)(args)
 
 
 if __name__ == "__main__":

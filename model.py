@@ -160,11 +160,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
+    def queries(self, x, cos, sin):
+        """The rotated queries (B, H, T, hd). A forward hook on this module can call it to see q: its
+        inputs are (x, cos, sin, ...) and its output (y, (k, v)); analyze.py does so."""
+        B, T, _ = x.shape
+        return apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
+
     def forward(self, x, cos, sin, mask, kv=None, cache=None, slot=None, input_pos=None):
         """kv: a producer's (k, v) when this layer is a consumer, else None. Returns (output, (k, v))."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, hd)
-        q = apply_rope(q, cos, sin)
+        q = self.queries(x, cos, sin)                                                   # (B, H, T, hd)
         if kv is None:  # producer: project, rotate the keys once, and store them for later tokens
             k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
             v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
@@ -413,12 +418,11 @@ def compile_decode_step(model, batch_size, max_len, warmup_calls=3):
     return step
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
-    """(B, V) logits -> (B, 1) token ids. temperature 0 = greedy; vocab_limit drops padded vocab ids."""
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
+    """(B, V) logits -> the (B, V') probabilities sample_logits draws from, in this order: padded ids
+    dropped (vocab_limit), temperature, then top-k, then top-p (nucleus) over what top-k kept."""
     if vocab_limit is not None:
         logits = logits[:, :vocab_limit]  # ids >= vocab_limit are padding the tokenizer cannot decode
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
@@ -430,7 +434,14 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=N
         drop = probs.cumsum(-1) - probs >= top_p
         drop[:, 0] = False  # the most likely token always stays
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), num_samples=1)
+    return logits.softmax(-1)
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
+    """(B, V) logits -> (B, 1) token ids. temperature 0 = greedy; vocab_limit drops padded vocab ids."""
+    if temperature == 0:
+        return logits[:, :vocab_limit].argmax(dim=-1, keepdim=True)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p, vocab_limit), num_samples=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -634,9 +645,15 @@ def convert_kv_share(model, spec, kv_init="keep"):
     state = {k: v for k, v in old.items() if ".attention.wk." not in k and ".attention.wv." not in k}
     for p in new.producers:
         readers = [i for i, s in enumerate(new.kv_sources) if s == p] if kv_init == "mean" else [p]
-        for w in ("wk", "wv"):  # the projection layer i used so far is its old source's
-            used = [old[f"layers.{model.kv_sources[i]}.attention.{w}.weight"] for i in readers]
-            state[f"layers.{p}.attention.{w}.weight"] = torch.stack(used).mean(0)
+        # the projection reader i used so far is its old source's; average those, one vote per reader
+        # (counted per source layer, so a single source is copied exactly, not re-averaged in floats)
+        votes = {}
+        for i in readers:
+            votes[model.kv_sources[i]] = votes.get(model.kv_sources[i], 0) + 1
+        for w in ("wk", "wv"):
+            used = [(old[f"layers.{s}.attention.{w}.weight"], n) for s, n in votes.items()]
+            state[f"layers.{p}.attention.{w}.weight"] = (used[0][0].clone() if len(used) == 1 else
+                                                         sum(t * n for t, n in used) / len(readers))
     new.load_state_dict(state)
     return new
 

@@ -228,17 +228,19 @@ def load_dataset(cfg):
     return data, meta
 
 
-def get_batch(data, batch_size, block_size, generator):
-    """batch_size random windows: inputs x and next-token targets y, each (batch_size, block_size)."""
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+def get_batch(data, batch_size, block_size, generator, rows=slice(None)):
+    """batch_size random windows: inputs x and next-token targets y, each (batch_size, block_size); with
+    rows, only those rows of the draw (a DDP rank's share of the global batch)."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)[rows].tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     return x, y
 
 
-def batch_generator(seed, iter_num, rank):
-    """Each (iteration, rank) draws from its own seed, so a resumed run sees exactly the batches it would have."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iter_num) * 1009 + rank)
+def batch_generator(seed, iter_num):
+    """Each iteration draws its global batch from its own seed, so a resumed run sees exactly the batches it
+    would have, and N processes see the same rows as one process accumulating N times as many micro-steps."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iter_num) * 1009)
 
 
 def rng_state(device):
@@ -595,8 +597,9 @@ def train(cfg):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x_all, y_all = get_batch(data["train"], accum * cfg.batch_size, cfg.block_size,
-                                 batch_generator(cfg.seed, iter_num, rank))
+        rows = accum * cfg.batch_size  # this rank's rows of the global batch
+        x_all, y_all = get_batch(data["train"], world * rows, cfg.block_size, batch_generator(cfg.seed, iter_num),
+                                 slice(rank * rows, (rank + 1) * rows))
         iter_loss = iter_ce = iter_kd = 0.0  # means over micro-steps, kept on the device until logged
         for micro in range(accum):
             x = x_all[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)

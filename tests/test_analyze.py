@@ -83,8 +83,97 @@ def test_on_a_terminal_training_shows_a_bar(data_dir, tmp_path):
         if not chunk:
             break
         err += chunk
-    out, _ = p.communicate(timeout=120)
+    out, _ = p.communicate(timeout=1200)
     os.close(main)
     assert p.returncode == 0
     assert b"\r" in err and b"10/10" in err and b"tok/s" in err     # the bar, its count and its postfix
     assert b"step 5: train loss" in out and b"iter 10: loss" not in out  # evals above the bar, no iter lines
+
+
+# ------------------------------------------------------------------------------------------------------
+# analyze.py layers
+
+def brute_force(cost, n_producers):
+    """The least summed cost over every valid kv_sources list with exactly n_producers producers."""
+    import itertools
+    L, best = len(cost), float("inf")
+    for sources in itertools.product(*[range(i + 1) for i in range(L)]):
+        if sum(s == i for i, s in enumerate(sources)) != n_producers or any(sources[s] != s for s in sources):
+            continue
+        best = min(best, sum(cost[s, i] for i, s in enumerate(sources) if s != i))
+    return best
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 7])
+def test_exact_optimiser_equals_brute_force(L):
+    import numpy as np
+    from analyze import choose_sources, summed_cost
+    rng = np.random.default_rng(L)
+    for trial in range(6):
+        cost = np.triu(rng.exponential(size=(L, L)) * rng.integers(0, 3, size=(L, L)), 1)  # ties and zeros too
+        for P in range(1, L + 1):
+            sources, exact = choose_sources(cost, P)
+            assert exact and sum(s == i for i, s in enumerate(sources)) == P and sources[0] == 0
+            assert all(sources[s] == s and s <= i for i, s in enumerate(sources))
+            assert summed_cost(cost, sources) == pytest.approx(brute_force(cost, P), abs=1e-12)
+
+
+def test_greedy_beyond_the_exact_limit_is_valid():
+    import numpy as np
+    from analyze import choose_sources
+    cost = np.triu(np.random.default_rng(0).random((9, 9)), 1)
+    sources, exact = choose_sources(cost, 4, exact_up_to=8)
+    assert not exact and sum(s == i for i, s in enumerate(sources)) == 4
+
+
+@pytest.fixture(scope="module")
+def five_layers(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("five")
+    run(data_dir, out, n_layer=5, max_iters=30)
+    return out
+
+
+def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_layers):
+    import torch
+    from analyze import get_batch, share_costs
+    from model import load_checkpoint, model_from_checkpoint
+    from train import TrainConfig, configure, load_dataset
+    model = model_from_checkpoint(load_checkpoint(five_layers / "ckpt.pt")).eval()
+    with torch.no_grad():
+        model.layers[3].attention.wo.weight.zero_()  # layer 3's attention output is 0 whatever K/V it reads
+    data, _ = load_dataset(configure(TrainConfig(), [f"--data_dir={data_dir}", "--dataset=tiny", "--block_size=32"]))
+    g = torch.Generator().manual_seed(0)
+    cost, base = share_costs(model, [get_batch(data["val"], 4, 32, g) for _ in range(3)])
+    assert all(abs(cost[i, 3]) < 1e-6 for i in range(3))
+    assert all(abs(cost[i, j]) > 1e-4 for i in range(5) for j in range(i + 1, 5) if j != 3)  # the others do cost
+
+
+def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_dir, tmp_path):
+    from model import resolve_kv_sources
+    png = tmp_path / "layers.png"
+    r = subprocess.run([sys.executable, "analyze.py", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
+                        "--n_producers=3", "--batches=3", "--batch_size=4", f"--plot={png}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("kv_share=")
+    sources = resolve_kv_sources(last[len("kv_share="):], 5)
+    assert sum(s == i for i, s in enumerate(sources)) == 3
+    assert "echo:2 " in r.stdout and "cla:2 " in r.stdout  # the fixed patterns at 3 producers, beside it
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # train.py takes the printed spec as it is
+    run(data_dir, tmp_path / "ft", init_from=f"ckpt:{five_layers}", kv_share=last[len("kv_share="):], max_iters=2)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--n_producers=0"], "--n_producers=0: expected 1 to n_layer=5"),
+    (["--n_producers=6"], "--n_producers=6: expected 1 to n_layer=5"),
+    (["--n_producers=2", "--dataset=absent"], "dataset 'absent' is not prepared"),
+])
+def test_layers_bad_input_is_one_line(five_layers, data_dir, extra, match):
+    r = subprocess.run([sys.executable, "analyze.py", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
+                        *extra], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "analyze.py", "layers", "--out_dir=/no/ckpt", "--n_producers=2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "no checkpoint at /no/ckpt/ckpt.pt" in r.stderr

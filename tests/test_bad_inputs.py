@@ -311,7 +311,7 @@ def results(tmp_path_factory, data_dir):
 
     def one(name):
         argv = CASES[name][0](world)
-        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
         return name, r
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:

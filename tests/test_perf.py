@@ -35,6 +35,18 @@ def test_training_flops_formula_equals_the_counter(spec, n_head, n_kv_head, tied
 
 
 @pytest.mark.parametrize("spec", SPECS)
+def test_attention_term_equals_the_counter_on_the_math_kernel(spec):
+    """The counter skips SDPA's CPU flash kernel but counts its math kernel: there the whole formula holds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = build(spec, 6, 2, False)
+    B, T = 2, 17
+    idx = torch.randint(0, 83, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx)[1].backward()
+    assert counter.get_total_flops() == training_flops_per_token(model.config, T) * B * T
+
+
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("n_head,n_kv_head,tied", SHAPES[:2])
 def test_decode_and_prefill_flops_equal_the_counter(spec, n_head, n_kv_head, tied):
     model = build(spec, n_head, n_kv_head, tied).eval()

@@ -109,7 +109,8 @@ def test_cli_errors_are_one_line(data_dir, tmp_path):
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
     argv = tiny_args(data_dir, tmp_path, max_iters=10, gradient_accumulation_steps=2, eval_interval=5, dropout=0.1)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=1200,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))  # one thread a rank: 2 ranks, 2 cores
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 processes x 1 accumulation x 4 batch x 32 context" in r.stdout
     assert "terminate called" not in r.stderr
@@ -131,3 +132,14 @@ def test_mfu_is_printed_with_the_peak_it_is_against(data_dir, tmp_path, capsys):
             model_module.ModelConfig(vocab_size=28, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32), 32) / 1e9)
     run(data_dir, tmp_path / "c", max_iters=10, log_interval=5, peak_flops=0.0)
     assert all(r["mfu"] is None for r in read_log(tmp_path / "c") if "loss" in r)
+
+
+def test_without_always_save_the_checkpoint_is_the_best_eval(data_dir, tmp_path):
+    # a learning rate high enough that val loss rises again, so "the best" and "the last" differ
+    run(data_dir, tmp_path, always_save_checkpoint=False, learning_rate=0.05, warmup_iters=0, grad_clip=0.0,
+        decay_lr=False, max_iters=40, eval_interval=5)
+    evals = [r for r in read_log(tmp_path) if "val_loss" in r and r["iter"] > 0]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert best["iter"] != evals[-1]["iter"], "the run never got worse: this test would prove nothing"
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["iter_num"] == best["iter"] and ckpt["best_val_loss"] == best["val_loss"]

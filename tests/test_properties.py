@@ -1,0 +1,96 @@
+"""Invariants the project lives on, as properties over random valid shapes and specs (hypothesis, with a
+fixed derandomized profile so CI is reproducible): sizes that do not divide evenly, every kv_share kind,
+random explicit lists."""
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import (LLaMA, ModelConfig, convert_kv_share, kv_cache_bytes, matmul_params, resolve_kv_sources,
+                   training_flops_per_token)
+
+PROFILE = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def specs(draw, n_layer):
+    """Any valid kv_share for n_layer layers: none, echo:N, cla:G (G need not divide n_layer), or a random
+    explicit list in which every source is a producer at or below its reader."""
+    kind = draw(st.sampled_from(["none", "echo", "cla", "list"]))
+    if kind == "none":
+        return "none"
+    if kind == "echo":
+        return f"echo:{draw(st.integers(1, n_layer - 1))}" if n_layer > 1 else "none"
+    if kind == "cla":
+        return f"cla:{draw(st.integers(1, n_layer))}"
+    sources = []
+    for i in range(n_layer):
+        producers = [j for j in range(i) if sources[j] == j]
+        sources.append(i if not producers or draw(st.booleans()) else draw(st.sampled_from(producers)))
+    return ",".join(map(str, sources))
+
+
+@st.composite
+def configs(draw):
+    n_layer = draw(st.integers(1, 8))
+    n_kv_head = draw(st.integers(1, 3))
+    n_head = n_kv_head * draw(st.integers(1, 3))           # GQA groups of 1-3, MHA and MQA included
+    head_dim = 2 * draw(st.integers(1, 4))
+    return ModelConfig(vocab_size=draw(st.integers(5, 40)), block_size=draw(st.integers(4, 24)), n_layer=n_layer,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_head * head_dim,
+                       intermediate_size=draw(st.integers(1, 40)), tie_embeddings=draw(st.booleans()),
+                       kv_share=draw(specs(n_layer)))
+
+
+@PROFILE
+@given(configs(), st.data())
+def test_cached_prefill_and_decode_equal_the_full_pass(cfg, data):
+    torch.manual_seed(0)
+    model = LLaMA(cfg).eval()
+    B = data.draw(st.integers(1, 3))
+    T = data.draw(st.integers(1, cfg.block_size))
+    prefill = data.draw(st.integers(1, T))
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.no_grad():
+        full, _ = model(idx, all_logits=True)
+        model.setup_cache(B, data.draw(st.integers(T, cfg.block_size)))
+        parts = [model(idx[:, :prefill], input_pos=torch.arange(prefill), all_logits=True)[0]]
+        t = prefill
+        while t < T:  # the rest in chunks of random sizes: several queries at an offset, or one
+            n = data.draw(st.integers(1, T - t))
+            parts.append(model(idx[:, t:t + n], input_pos=torch.arange(t, t + n), all_logits=True)[0])
+            t += n
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@PROFILE
+@given(configs())
+def test_sources_weights_cache_and_flops_follow_the_spec(cfg):
+    sources = resolve_kv_sources(cfg.kv_share, cfg.n_layer)
+    producers = [i for i, s in enumerate(sources) if s == i]
+    assert sources[0] == 0 and all(sources[s] == s and s <= i for i, s in enumerate(sources))
+    torch.manual_seed(0)
+    model = LLaMA(cfg)
+    keys = model.state_dict().keys()
+    for i in range(cfg.n_layer):  # a consumer has no K/V weights; everyone keeps q and o
+        assert (f"layers.{i}.attention.wk.weight" in keys) == (f"layers.{i}.attention.wv.weight" in keys) == (i in producers)
+        assert f"layers.{i}.attention.wq.weight" in keys and f"layers.{i}.attention.wo.weight" in keys
+    B, S = 2, cfg.block_size
+    model.setup_cache(B, S)
+    assert model.kv_cache.k.shape == (len(producers), B, cfg.n_kv_head, S, cfg.head_dim)
+    assert model.kv_cache.nbytes == kv_cache_bytes(cfg, B, S, 4) == 2 * len(producers) * B * S * cfg.n_kv_head * cfg.head_dim * 4
+    idx = torch.randint(0, cfg.vocab_size, (B, S))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx)[1].backward()
+    # SDPA's CPU flash kernel is not counted, its math fallback (taken for tiny heads) is, exactly as PaLM's term
+    assert counter.get_total_flops() in (6 * matmul_params(cfg) * B * S, training_flops_per_token(cfg, S) * B * S)
+
+
+@PROFILE
+@given(configs(), st.sampled_from(["keep", "mean"]))
+def test_converting_to_the_models_own_spec_changes_nothing(cfg, kv_init):
+    torch.manual_seed(0)
+    model = LLaMA(cfg)
+    same = convert_kv_share(model, ",".join(map(str, model.kv_sources)), kv_init)
+    a, b = model.state_dict(), same.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
