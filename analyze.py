@@ -57,18 +57,32 @@ def summary(run):
             "tok/s": last["tokens"] / last["train_seconds"] if last["train_seconds"] else float("nan")}
 
 
-def stage_starts(records, x):
-    """x positions where a layer-wise conversion entered a new stage."""
-    return [b[x] for a, b in zip(records, records[1:]) if b["stage"] != a["stage"]]
-
-
-def plot_runs(runs, file):
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; matplotlib is needed just for --plot."""
     try:
         import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def save_figure(fig, file, dpi):
+    fig.tight_layout()
+    try:
+        fig.savefig(file, dpi=dpi)
+    except OSError as e:
+        raise UsageError(f"cannot write {file} ({e.strerror})") from None
+
+
+def stage_starts(records, x):
+    """x positions where a layer-wise conversion entered a new stage: right after the old stage's last line."""
+    return [a[x] for a, b in zip(records, records[1:]) if b["stage"] != a["stage"]]
+
+
+def plot_runs(runs, file):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for i, run in enumerate(runs):
         color, label = f"C{i}", f"{run['name']} ({run['evals'][-1]['kv_share']})"
@@ -85,12 +99,9 @@ def plot_runs(runs, file):
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle("dotted: a layer-wise conversion stage begins", fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(file, dpi=90)
-    except OSError as e:
-        raise UsageError(f"cannot write {file} ({e.strerror})") from None
+    if any(stage_starts(sorted(run["train"], key=lambda r: r["iter"]), "iter") for run in runs):
+        fig.suptitle("dotted: a layer-wise conversion stage begins", fontsize=9)
+    save_figure(fig, file, dpi=90)
     plt.close(fig)
 
 
@@ -241,12 +252,7 @@ def matrix_table(name, m, fmt):
 
 
 def plot_layers(cost, kv_sim, att_sim, file, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     L = len(cost)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     upper = np.triu(np.ones((L, L), dtype=bool), 1)
@@ -263,11 +269,7 @@ def plot_layers(cost, kv_sim, att_sim, file, title):
         ax.title.set_fontsize(9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        fig.savefig(file, dpi=80)
-    except OSError as e:
-        raise UsageError(f"cannot write {file} ({e.strerror})") from None
+    save_figure(fig, file, dpi=80)
     plt.close(fig)
 
 

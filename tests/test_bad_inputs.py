@@ -79,6 +79,12 @@ def build_world(root, data_dir):
     ckpt_variant("bad_tokenizer", lambda c: c.update(meta={"tokenizer": "sentencepiece", "vocab_size": 30}))
     ckpt_variant("char_no_itos", lambda c: c.update(meta={"tokenizer": "char", "vocab_size": 30}))
     ckpt_variant("model_list", lambda c: c.update(model=[1, 2]))
+
+    def wider_vocab(c):  # the same tokens, but a model with 12 more (padding) rows in its vocabulary
+        c["model_args"]["vocab_size"] += 12
+        for k in ("tok_embeddings.weight", "output.weight"):
+            c["model"][k] = torch.cat([c["model"][k], torch.zeros(12, c["model"][k].size(1))])
+    ckpt_variant("wide_vocab", wider_vocab)
     os.makedirs(root / "corrupt")
     (root / "corrupt" / "ckpt.pt").write_bytes(b"\x80\x02 not a checkpoint")
     w["corrupt"] = str(root / "corrupt")
@@ -247,6 +253,28 @@ CASES = {
                            r"was trained on other tokens than dataset 'other_tokens'"),
     "diverging run": (T(learning_rate=1e30, grad_clip=0.0, warmup_iters=0, eval_interval=5, log_interval=1),
                       r"the loss is nan at iteration \d+: training diverged"),
+    # --- distillation
+    "distill_alpha>1": (T(distill_alpha=1.5, init_from="ckpt:x"), r"distill_alpha=1.5: expected 0 <= distill_alpha <= 1"),
+    "distill_alpha<0": (T(distill_alpha=-0.1), r"distill_alpha=-0.1: expected 0 <= distill_alpha <= 1"),
+    "distill temperature 0": (T(distill_temperature=0.0), r"distill_temperature=0.0: expected a number > 0"),
+    "distill from scratch": (T(distill_alpha=0.5), r"distill_alpha > 0 needs a teacher: a run from scratch has none"),
+    "distill_from weird": (T(distill_alpha=0.5, distill_from="teacher"), r"distill_from='teacher': expected"),
+    "teacher missing": (lambda w: ["train.py", *tiny_args(w["data"], os.path.join(w["root"], "t-m"),
+                                                          init_from=f"ckpt:{w['good']}", distill_alpha=0.5,
+                                                          distill_from="ckpt:/no/teacher")],
+                        r"cannot load the teacher from ckpt:/no/teacher: no checkpoint at /no/teacher/ckpt.pt"),
+    "teacher other tokens": (lambda w: ["train.py", *tiny_args(w["datasets"], os.path.join(w["root"], "t-o"),
+                                                               dataset="other_tokens", distill_alpha=0.5,
+                                                               distill_from=f"ckpt:{w['good']}")],
+                             r"cannot load the teacher from ckpt:.*was trained on other tokens"),
+    "teacher other tokenizer": (lambda w: ["train.py", *tiny_args(w["data"], os.path.join(w["root"], "t-v"),
+                                                                  init_from=f"ckpt:{w['good']}", distill_alpha=0.5,
+                                                                  distill_from=f"hf:{w['hf_good']}")],
+                                r"cannot load the teacher from hf:.*is not tokenized for hf:"),
+    "teacher other vocab size": (lambda w: ["train.py", *tiny_args(w["data"], os.path.join(w["root"], "t-w"),
+                                                                   init_from=f"ckpt:{w['good']}", distill_alpha=0.5,
+                                                                   distill_from=f"ckpt:{w['wide_vocab']}")],
+                                 r"the teacher ckpt:.* has a vocabulary of 40, the student 28"),
     # --- sample.py
     "temperature<0": (S("--temperature=-1"), r"temperature=-1.0: expected >= 0"),
     "top_p=0": (S("--top_p=0"), r"top_p=0.0: expected 0 < top_p <= 1"),

@@ -91,3 +91,19 @@ def test_resume_with_distillation_is_exact_and_needs_its_teacher(data_dir, teach
     shutil.rmtree(source)
     with pytest.raises(UsageError, match=f"cannot load the teacher from ckpt:{source}: no checkpoint at {source}"):
         run(data_dir, tmp_path / "half", init_from="resume", max_iters=15)
+
+
+def test_the_teacher_is_unchanged_after_training(data_dir, teacher_dir, tmp_path, monkeypatch):
+    import train as train_module
+    seen, real = [], train_module.initial_model
+
+    def spy(cfg, meta):
+        out = real(cfg, meta)
+        seen.append(out[2])
+        return out
+    monkeypatch.setattr(train_module, "initial_model", spy)
+    run(data_dir, tmp_path, init_from=f"ckpt:{teacher_dir}", kv_share="echo:2", distill_alpha=0.5, max_iters=5)
+    stored = load_checkpoint(os.path.join(teacher_dir, "ckpt.pt"))["model"]
+    teacher = seen[0].state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in stored.items())
+    assert not any(p.grad is not None for p in seen[0].parameters())
