@@ -13,7 +13,7 @@ import torch
 
 from conftest import read_log, run
 from data.common import tokenizer_from_meta
-from model import LLaMA, ModelConfig, UsageError, load_checkpoint, save_checkpoint
+from model import LLaMA, ModelConfig, UsageError, load_checkpoint, resolve_kv_sources, save_checkpoint
 from train import adaptation_stages
 
 
@@ -101,7 +101,7 @@ def test_stages_from_a_model_that_already_shares_are_valid():
         stages = adaptation_stages(start, target)
         for sources in stages:
             assert all(sources[s] == s and s <= i for i, s in enumerate(sources)), (start, target, sources)
-        assert stages[-1] == __import__("model").resolve_kv_sources(target, len(start))
+        assert stages[-1] == resolve_kv_sources(target, len(start))
     assert adaptation_stages([0, 0, 2, 2], "echo:2") == [[0, 1, 2, 1], [0, 1, 1, 1]]
 
 
@@ -112,10 +112,10 @@ def test_finetuning_applies_its_own_dropout(data_dir, pretrained, tmp_path):
 
 def test_finetuning_without_kv_share_keeps_the_models_sharing(data_dir, tmp_path):
     run(data_dir, tmp_path / "echo", n_layer=4, kv_share="echo:2", max_iters=2)
-    from train import TrainConfig, configure, train
     from conftest import tiny_args
-    args = [a for a in tiny_args(data_dir, tmp_path / "ft", init_from=f"ckpt:{tmp_path / 'echo'}", max_iters=2)]
-    train(configure(TrainConfig(), args))  # no --kv_share: the default 'none' must not undo the sharing
+    from train import TrainConfig, configure, train
+    train(configure(TrainConfig(), tiny_args(data_dir, tmp_path / "ft", init_from=f"ckpt:{tmp_path / 'echo'}",
+                                             max_iters=2)))  # no --kv_share: the default 'none' must not undo the sharing
     assert load_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_args"]["kv_share"] == "echo:2"
 
 
