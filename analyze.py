@@ -6,8 +6,13 @@
 
 runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s),
 and with --plot the loss curves against tokens seen and against training seconds (evals excluded), one colour
-per run labelled with its kv_share, the layer-wise conversion stages marked. matplotlib is needed only for
+per run labelled with its sharing, the layer-wise conversion stages marked. matplotlib is needed only for
 --plot.
+
+layers: for a trained model that shares nothing, the one-shot cost of every pair (layer j reading layer i's
+K/V, or reusing its attention), the layers' K/V and attention-map similarities, the cheapest kv_share and
+att_share with --n_producers layers computing their own, and each whole spec measured one-shot beside echo
+and CLA. The last two lines are the chosen specs, ready for train.py.
 """
 import argparse
 import contextlib
@@ -21,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from model import UsageError, convert_kv_share, load_checkpoint, model_from_checkpoint, resolve_kv_sources
+from model import UsageError, convert_sharing, load_checkpoint, model_from_checkpoint, resolve_sources
 from train import check_device, get_batch, load_dataset, load_pretrained, same_tokens
 
 
@@ -49,9 +54,15 @@ def read_run(folder):
             "evals": evals}
 
 
+def sharing(record):
+    """A log line's sharing, e.g. 'echo:2', 'att 0,0,2,2' or 'none'."""
+    kv, att = record.get("kv_share", "none"), record.get("att_share", "none")
+    return " ".join([kv] * (kv != "none") + [f"att {att}"] * (att != "none")) or "none"
+
+
 def summary(run):
     last = run["evals"][-1]
-    return {"run": run["name"], "kv_share": last["kv_share"], "final val": last["val_loss"],
+    return {"run": run["name"], "sharing": sharing(last), "final val": last["val_loss"],
             "best val": min(r["val_loss"] for r in run["evals"]), "tokens": last["tokens"],
             "train s": last["train_seconds"],
             "tok/s": last["tokens"] / last["train_seconds"] if last["train_seconds"] else float("nan")}
@@ -85,7 +96,7 @@ def plot_runs(runs, file):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for i, run in enumerate(runs):
-        color, label = f"C{i}", f"{run['name']} ({run['evals'][-1]['kv_share']})"
+        color, label = f"C{i}", f"{run['name']} ({sharing(run['evals'][-1])})"
         train = sorted(run["train"], key=lambda r: r["iter"])
         for ax, x in zip(axes, ("tokens", "train_seconds")):
             # with distillation the training loss mixes in the KL: plot its cross-entropy part
@@ -108,9 +119,9 @@ def plot_runs(runs, file):
 def runs_main(args):
     runs = [read_run(folder) for folder in args.dirs]
     rows = [summary(r) for r in runs]
-    print(f"{'run':32} {'kv_share':>12} {'final val':>10} {'best val':>10} {'tokens':>12} {'train s':>9} {'tok/s':>9}")
+    print(f"{'run':32} {'sharing':>12} {'final val':>10} {'best val':>10} {'tokens':>12} {'train s':>9} {'tok/s':>9}")
     for r in rows:
-        print(f"{r['run'][:32]:32} {r['kv_share'][:12]:>12} {r['final val']:10.4f} {r['best val']:10.4f} "
+        print(f"{r['run'][:32]:32} {r['sharing'][:12]:>12} {r['final val']:10.4f} {r['best val']:10.4f} "
               f"{r['tokens']:12,} {r['train s']:9.1f} {r['tok/s']:9,.0f}")
     if args.plot:
         plot_runs(runs, args.plot)
@@ -121,15 +132,18 @@ def runs_main(args):
 # layers: which layers can give up their own K/V most cheaply
 
 @contextlib.contextmanager
-def reading(model, sources):
-    """Let layers read other layers' K/V without converting the model: the forward loop follows
-    model.kv_sources, and a producer handed another layer's K/V uses them (its own wk/wv sit idle).
-    So layer j reads layer i's K/V exactly as layer i computes them now, and nothing else changes."""
-    old, model.kv_sources = model.kv_sources, sources
+def reading(model, sources, kind="kv"):
+    """Let layers read other layers' K/V (kind "kv") or attention ("att": rotated q and k) without converting
+    the model: the forward loop follows model.kv_sources and model.att_sources, and a layer handed another
+    layer's tensors uses them (its own projections sit idle). So layer j reads layer i's K/V or attention
+    exactly as layer i computes them now, and nothing else changes."""
+    name = f"{kind}_sources"
+    old = getattr(model, name)
+    setattr(model, name, sources)
     try:
         yield model
     finally:
-        model.kv_sources = old
+        setattr(model, name, old)
 
 
 @torch.no_grad()
@@ -145,8 +159,7 @@ def layer_similarities(model, batches):
 
     def hook(i):
         def record(module, args, output):
-            q = module.queries(args[0], args[1], args[2])      # (B, H, T, hd)
-            k, v = output[1]                                   # (B, KVH, T, hd)
+            q, k, v = output[1]                                # (B, H, T, hd), (B, KVH, T, hd) x 2
             G = q.size(1) // k.size(1)
             scores = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, T)
             T = q.size(2)
@@ -174,16 +187,17 @@ def layer_similarities(model, batches):
     return kv_sim, att_sim
 
 
-def share_costs(model, batches):
-    """(L, L) matrix: cost[i, j] (i < j) is the rise in loss when layer j reads layer i's K/V instead of
-    its own, nothing else changed, no training. The diagonal and below are 0. Also returns the base loss."""
+def share_costs(model, batches, kind="kv"):
+    """(L, L) matrix: cost[i, j] (i < j) is the rise in loss when layer j reads layer i's K/V (kind "kv") or
+    attention ("att") instead of computing its own, nothing else changed, no training. The diagonal and
+    below are 0. Also returns the base loss."""
     L = len(model.layers)
     base = mean_loss(model, batches)
     cost = np.zeros((L, L))
     for i, j in itertools.combinations(range(L), 2):
         sources = list(range(L))
         sources[j] = i
-        with reading(model, sources):
+        with reading(model, sources, kind):
             cost[i, j] = mean_loss(model, batches) - base
     return cost, base
 
@@ -251,14 +265,15 @@ def matrix_table(name, m, fmt):
     return "\n".join(lines)
 
 
-def plot_layers(cost, kv_sim, att_sim, file, title):
+def plot_layers(kv_cost, att_cost, kv_sim, att_sim, file, title):
     plt = pyplot()
-    L = len(cost)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    L = len(kv_cost)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.5))
     upper = np.triu(np.ones((L, L), dtype=bool), 1)
-    for ax, m, name, cmap in zip(axes, (cost, kv_sim, att_sim),
-                                 ("cost: loss rise when j reads i's K/V", "K/V similarity (cosine)",
-                                  "attention-map similarity (cosine)"), ("magma_r", "viridis", "viridis")):
+    for ax, m, name, cmap in zip(axes.flat, (kv_cost, att_cost, kv_sim, att_sim),
+                                 ("cost: loss rise when j reads i's K/V", "cost: loss rise when j reuses i's attention",
+                                  "K/V similarity (cosine)", "attention-map similarity (cosine, EchoAtt's Fig. 2)"),
+                                 ("magma_r", "magma_r", "viridis", "viridis")):
         shown = np.ma.masked_where(~upper, m)
         im = ax.imshow(shown, cmap=cmap)
         for i, j in zip(*np.nonzero(upper)) if L <= 12 else ():
@@ -303,9 +318,9 @@ def layers_main(args):
         model = model_from_checkpoint(ckpt, path)
     else:
         model = load_pretrained(args.init_from, cfg, meta)
-    if model.config.kv_share != "none" and len(model.producers) != len(model.layers):
-        raise UsageError(f"the model already shares K/V (kv_share={model.config.kv_share}): analyze the model "
-                         f"it was converted from")
+    if model.kv_sources != list(range(len(model.layers))) or model.att_sources != list(range(len(model.layers))):
+        raise UsageError(f"the model already shares (kv_share={model.config.kv_share}, att_share="
+                         f"{model.config.att_share}): analyze the model it was converted from")
     L = model.config.n_layer
     if not 1 <= args.n_producers <= L:
         raise UsageError(f"--n_producers={args.n_producers}: expected 1 to n_layer={L}")
@@ -315,30 +330,43 @@ def layers_main(args):
     batches = [tuple(t.to(args.device) for t in get_batch(data["val"], args.batch_size, cfg.block_size, g))
                for _ in range(args.batches)]
 
-    cost, base = share_costs(model, batches)
+    cost, base = share_costs(model, batches, "kv")
+    att_cost, _ = share_costs(model, batches, "att")
     kv_sim, att_sim = layer_similarities(model, batches[:args.similarity_batches])
-    sources, exact = choose_sources(cost, args.n_producers)
+    n = args.n_producers
+    sources, exact = choose_sources(cost, n)
+    att_sources, _ = choose_sources(att_cost, n)
     name = args.out_dir or args.init_from
     print(f"{name}: {L} layers, val loss {base:.4f} over {args.batches} batches of {args.batch_size} x {cfg.block_size}")
     print(matrix_table("cost: rise in val loss when layer j reads layer i's K/V", cost, ".3f"))
+    print(matrix_table("cost: rise in val loss when layer j reuses layer i's attention (q and k)", att_cost, ".3f"))
     print(matrix_table("K/V similarity: mean cosine of K and V vectors per head and position", kv_sim, ".2f"))
     print(matrix_table("attention similarity: mean cosine of the causal attention maps per head", att_sim, ".2f"))
-    print(f"chosen ({'exact: every producer set tried' if exact else 'greedy: more than 24 layers'}): "
-          f"kv_sources={sources}, summed pairwise cost {summed_cost(cost, sources):.4f}")
-    # pairwise costs do not add up: measure each whole spec, converted one-shot with the producers' own K/V
-    candidates = [("chosen by cost", ",".join(map(str, sources)))]
-    if args.n_producers < L:
-        candidates.append((f"echo:{L - args.n_producers}", f"echo:{L - args.n_producers}"))
-    spec, label = cla_like(L, args.n_producers)
-    candidates.append((label, spec))
-    print(f"one-shot val loss at {args.n_producers} producers (no training; the unconverted model: {base:.4f}):")
-    for label, spec in candidates:
-        converted = convert_kv_share(model, spec, "keep").eval()
-        print(f"  {label:28} kv_sources={resolve_kv_sources(spec, L)}  val loss {mean_loss(converted, batches):.4f}")
+    print(f"chosen ({'exact: every source set tried' if exact else 'greedy: more than 24 layers'}), {n} of {L} "
+          f"layers computing their own: kv_sources={sources}, summed pairwise cost {summed_cost(cost, sources):.4f}; "
+          f"att_sources={att_sources}, summed pairwise cost {summed_cost(att_cost, att_sources):.4f}")
+    # pairwise costs do not add up: measure each whole spec, converted one-shot with the sources' own weights
+    candidates = [("K/V, chosen by cost", ",".join(map(str, sources)), "none")]
+    if n < L:
+        candidates.append((f"K/V, echo:{L - n}", f"echo:{L - n}", "none"))
+    spec, label = cla_like(L, n)
+    candidates.append((f"K/V, {label}", spec, "none"))
+    candidates.append(("attention, chosen by cost", "none", ",".join(map(str, att_sources))))
+    by_similarity, _ = choose_sources(1 - att_sim, n)  # EchoAtt's criterion: the most similar attention maps
+    candidates.append(("attention, by similarity", "none", ",".join(map(str, by_similarity))))
+    if n < L:
+        candidates.append((f"attention, echo:{L - n}", "none", f"echo:{L - n}"))
+    print(f"one-shot val loss with {L - n} layers sharing (no training; the unconverted model: {base:.4f}):")
+    for label, kv_share, att_share in candidates:
+        converted = convert_sharing(model, kv_share, att_share).eval()
+        which = converted.kv_sources if kv_share != "none" else converted.att_sources
+        print(f"  {label:32} {'kv' if kv_share != 'none' else 'att'}_sources={which}  "
+              f"val loss {mean_loss(converted, batches):.4f}")
     if args.plot:
-        plot_layers(cost, kv_sim, att_sim, args.plot, f"{name}: which layers can share K/V")
+        plot_layers(cost, att_cost, kv_sim, att_sim, args.plot, f"{name}: which layers can share K/V or attention")
         print(f"wrote {args.plot}")
     print(f"kv_share={','.join(map(str, sources))}")
+    print(f"att_share={','.join(map(str, att_sources))}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -352,12 +380,13 @@ def main(argv):
     runs = modes.add_parser("runs", help="loss curves and a table for train.py runs")
     runs.add_argument("dirs", nargs="+", help="train.py out_dir folders")
     runs.add_argument("--plot", default="", help="write the curves to this PNG")
-    layers = modes.add_parser("layers", help="which layers can read another layer's K/V most cheaply")
+    layers = modes.add_parser("layers", help="which layers can read another layer's K/V or attention most cheaply")
     layers.add_argument("--out_dir", default="", help="a train.py out_dir (its ckpt.pt and dataset)")
     layers.add_argument("--init_from", default="", help="hf:PATH, a local Hugging Face LLaMA")
     layers.add_argument("--dataset", default="", help="the dataset to evaluate on (default: the checkpoint's)")
     layers.add_argument("--data_dir", default="", help="where datasets live (default: the checkpoint's, else data)")
-    layers.add_argument("--n_producers", type=int, required=True, help="how many layers keep their own K/V")
+    layers.add_argument("--n_producers", type=int, required=True,
+                        help="how many layers keep their own K/V (for attention sharing: their own attention)")
     layers.add_argument("--batches", type=int, default=20, help="val batches for the costs")
     layers.add_argument("--similarity_batches", type=int, default=4, help="of those, for the similarities")
     layers.add_argument("--batch_size", type=int, default=8)

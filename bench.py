@@ -1,8 +1,11 @@
-"""Benchmark kv_share variants of one model shape side by side, on synthetic tokens.
+"""Benchmark sharing variants of one model shape side by side, on synthetic tokens.
 
     python bench.py --quick                                    # tiny shape, under a minute on 2 CPU cores
     python bench.py --preset=gpt2-small --json=bench.json      # on a GPU: bf16 + compile by default
     python bench.py --preset=tinyllama --variants="none;echo:11" --find_max_batch=True
+    python bench.py --quick --variants="none;echo:2;att=echo:2;att=0,1,1,3,4,4,6,7"
+
+A variant is a kv_share spec ("echo:2"), or "att=SPEC" for attention sharing, or both ("kv=SPEC att=SPEC").
 
 Training (tokens/s, ms/iter, MFU, peak memory) and inference (prefill, cached decode at batch 1 and a
 larger batch, short and long context, KV bytes per token, decode bandwidth and MBU) are measured in rounds:
@@ -37,7 +40,7 @@ PRESETS = {  # model shape and micro-batch
 @dataclass
 class BenchConfig(ModelConfig):
     preset: str = "tiny"
-    variants: str = ""            # ';'-separated kv_share specs; "" = none, echo:L/4, echo:L/2, cla:2
+    variants: str = ""            # ';'-separated (see above); "" = none, echo:L/4, echo:L/2, cla:2, att=echo:L/4
     batch_size: int = 8           # training micro-batch
     rounds: int = 5
     train_steps: int = 10         # timed steps per variant per round, after warmup_steps
@@ -85,7 +88,20 @@ def variant_specs(cfg):
     if cfg.variants:
         return [v.strip() for v in cfg.variants.split(";")]
     L = cfg.n_layer
-    return list(dict.fromkeys(["none", f"echo:{max(1, L // 4)}", f"echo:{L // 2}", "cla:2"]))
+    return list(dict.fromkeys(["none", f"echo:{max(1, L // 4)}", f"echo:{L // 2}", "cla:2", f"att=echo:{max(1, L // 4)}"]))
+
+
+def variant_sharing(variant):
+    """A variant's {"kv_share", "att_share"}: "echo:2" (K/V), "att=echo:2", or "kv=cla:2 att=0,0,2,2"."""
+    sharing = {"kv_share": "none", "att_share": "none"}
+    for part in variant.split():
+        kind, eq, spec = part.partition("=")
+        if not eq:
+            kind, spec = "kv", part
+        if kind not in ("kv", "att"):
+            raise UsageError(f"variant '{variant}': expected a kv_share spec, att=SPEC or kv=SPEC att=SPEC")
+        sharing[f"{kind}_share"] = spec
+    return sharing
 
 
 class Timer:
@@ -105,12 +121,12 @@ class Timer:
 
 
 class Variant:
-    """One kv_share variant: its model (parked on the CPU between turns) and compiled forms."""
+    """One sharing variant: its model (parked on the CPU between turns) and compiled forms."""
 
     def __init__(self, cfg, spec):
         torch.manual_seed(0)
         self.spec, self.cfg = spec, cfg
-        self.model = LLaMA(replace(model_config(cfg, cfg.vocab_size), kv_share=spec))
+        self.model = LLaMA(replace(model_config(cfg, cfg.vocab_size), **variant_sharing(spec)))
         self.train_fn = torch.compile(self.model) if cfg.compile else self.model
 
     def tokens(self, b, t):
@@ -240,11 +256,12 @@ def run(cfg):
 
     peak_flops, flops_label = device_peak("flops", cfg.device, dtype, cfg.peak_flops)
     peak_bytes, bytes_label = device_peak("bytes", cfg.device, dtype, cfg.peak_bytes)
-    base_flops = training_flops_per_token(replace(variants[0].model.config, kv_share="none"), cfg.block_size)
+    base_flops = training_flops_per_token(replace(variants[0].model.config, kv_share="none", att_share="none"),
+                                          cfg.block_size)
     results = {}
     for v in variants:
         r = {k: statistics.median(vals) for k, vals in samples[v.spec].items()}
-        r.update({"kv_sources": v.model.kv_sources, "params": v.model.num_params(),
+        r.update({"kv_sources": v.model.kv_sources, "att_sources": v.model.att_sources, "params": v.model.num_params(),
                   "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize)})
         if "train" in parts:
             tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)

@@ -3,8 +3,11 @@
 A *producer* layer projects its own keys and values (and owns a KV-cache slot). A *consumer* layer keeps
 its own queries and output projection but attends to the K/V a lower producer computed: it has no
 wk/wv weights and no cache slot. `kv_sources[i]` names the layer whose K/V layer i reads.
+The second kind (EchoAtt): an *attention consumer* reuses a lower layer's attention pattern
+softmax(q_j k_j^T), i.e. that layer's rotated queries and keys, with its own values: it has no wq/wk and
+no K slot, but keeps wv and a V slot. `att_sources[i]` names the layer whose attention layer i reuses.
 
-Parts, top to bottom: config + kv_share spec, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU), the
+Parts, top to bottom: config + sharing specs, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU), the
 layer-aware KV cache, the model with generation, FLOPs/MFU, checkpoints, K/V-sharing conversion and
 the Hugging Face import.
 """
@@ -26,7 +29,7 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration and the kv_share spec
+# Configuration and the sharing specs
 
 @dataclass
 class ModelConfig:
@@ -41,7 +44,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True    # LM head shares the token-embedding matrix
     dropout: float = 0.0
-    kv_share: str = "none"         # see resolve_kv_sources
+    kv_share: str = "none"         # which layers read another layer's K/V: see resolve_sources
+    att_share: str = "none"        # which layers reuse another layer's attention (q and k): same grammar
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -80,13 +84,14 @@ class ModelConfig:
         return cls(**d)
 
 
-def resolve_kv_sources(spec, n_layer):
-    """Turn a kv_share spec into kv_sources: entry i = the layer whose K/V layer i attends to.
+def resolve_sources(spec, n_layer, name="kv_share"):
+    """Turn a kv_share (or att_share) spec into sources: entry i = the layer whose K/V (attention) layer i
+    reads; a layer that is its own source computes its own.
 
-      "none"     every layer is its own producer                 [0, 1, 2, 3, 4, 5]
+      "none"     every layer is its own source                   [0, 1, 2, 3, 4, 5]
       "echo:N"   the top N layers read layer n_layer-N-1          echo:2 -> [0, 1, 2, 3, 3, 3]
-      "cla:G"    groups of G adjacent layers, bottom one produces cla:2  -> [0, 0, 2, 2, 4, 4]
-      "0,0,2,2"  explicit: entry i is layer i's source (a producer at or below i)
+      "cla:G"    groups of G adjacent layers read the bottom one  cla:2  -> [0, 0, 2, 2, 4, 4]
+      "0,0,2,2"  explicit: entry i is layer i's source (a layer at or below i that is its own source)
     """
     spec = str(spec).strip()
     grammar = "expected 'none', 'echo:N', 'cla:G' or a comma-separated list of source layers"
@@ -95,28 +100,42 @@ def resolve_kv_sources(spec, n_layer):
         return list(range(n_layer))
     if kind in ("echo", "cla"):
         if not arg.strip().isdigit():
-            raise UsageError(f"kv_share '{spec}': '{kind}:' needs a whole number, e.g. '{kind}:2'")
+            raise UsageError(f"{name} '{spec}': '{kind}:' needs a whole number, e.g. '{kind}:2'")
         n = int(arg)
         if kind == "echo":
             if not 1 <= n <= n_layer - 1:
-                raise UsageError(f"kv_share '{spec}': N must be between 1 and n_layer-1 = {n_layer - 1}")
+                raise UsageError(f"{name} '{spec}': N must be between 1 and n_layer-1 = {n_layer - 1}")
             return list(range(n_layer - n)) + [n_layer - n - 1] * n
         if not 1 <= n <= n_layer:
-            raise UsageError(f"kv_share '{spec}': group size G must be between 1 and n_layer = {n_layer}")
+            raise UsageError(f"{name} '{spec}': group size G must be between 1 and n_layer = {n_layer}")
         return [i - i % n for i in range(n_layer)]
     try:
         sources = [int(s) for s in spec.split(",")]
     except ValueError:
-        raise UsageError(f"kv_share '{spec}': {grammar}") from None
+        raise UsageError(f"{name} '{spec}': {grammar}") from None
     if len(sources) != n_layer:
-        raise UsageError(f"kv_share '{spec}' lists {len(sources)} layers but the model has n_layer={n_layer}")
+        raise UsageError(f"{name} '{spec}' lists {len(sources)} layers but the model has n_layer={n_layer}")
     for i, s in enumerate(sources):
         if not 0 <= s <= i:
-            raise UsageError(f"kv_share '{spec}': layer {i} reads layer {s}, but a source must be in 0..{i}")
+            raise UsageError(f"{name} '{spec}': layer {i} reads layer {s}, but a source must be in 0..{i}")
         if sources[s] != s:
-            raise UsageError(f"kv_share '{spec}': layer {i} reads layer {s}, which is itself a consumer "
-                             f"(of layer {sources[s]}); a source must be a producer")
+            raise UsageError(f"{name} '{spec}': layer {i} reads layer {s}, which is itself a consumer "
+                             f"(of layer {sources[s]}); a source must compute its own")
     return sources
+
+
+def resolve_sharing(cfg):
+    """(kv_sources, att_sources) of a config, with the rules that tie the two kinds together."""
+    kv = resolve_sources(cfg.kv_share, cfg.n_layer, "kv_share")
+    att = resolve_sources(cfg.att_share, cfg.n_layer, "att_share")
+    for i in range(cfg.n_layer):
+        if kv[i] != i and att[i] != i:
+            raise UsageError(f"layer {i} reads layer {kv[i]}'s K/V and layer {att[i]}'s attention: a layer "
+                             f"reads from other layers at most one kind (kv_share or att_share, not both)")
+        if kv[i] != i and att[kv[i]] != kv[i]:
+            raise UsageError(f"layer {i} reads layer {kv[i]}'s K/V, but layer {kv[i]} reuses layer "
+                             f"{att[kv[i]]}'s attention and has no keys of its own: a K/V source computes K and V")
+    return kv, att
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,43 +167,49 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Grouped-query causal attention. Only a producer has wk/wv; a consumer is given its producer's K/V."""
+    """Grouped-query causal attention. `reads` says what the layer takes from a lower layer, and so which
+    projections it has: None (its own q, k, v), "kv" (a K/V consumer: only wq) or "att" (an attention
+    consumer: only wv). Every layer has wo."""
 
-    def __init__(self, cfg, producer):
+    def __init__(self, cfg, reads=None):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        if producer:
-            self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-            self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        if reads != "att":
+            self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        if reads is None:
+            self.wk = nn.Linear(cfg.n_embd, kv_dim, bias=False)
+        if reads != "kv":
+            self.wv = nn.Linear(cfg.n_embd, kv_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
     def queries(self, x, cos, sin):
-        """The rotated queries (B, H, T, hd). A forward hook on this module can call it to see q: its
-        inputs are (x, cos, sin, ...) and its output (y, (k, v)); analyze.py does so."""
+        """The rotated queries (B, H, T, hd)."""
         B, T, _ = x.shape
         return apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
 
-    def forward(self, x, cos, sin, mask, kv=None, cache=None, slot=None, input_pos=None):
-        """kv: a producer's (k, v) when this layer is a consumer, else None. Returns (output, (k, v))."""
+    def forward(self, x, cos, sin, mask, kv=None, qk=None, cache=None, slots=(None, None), input_pos=None):
+        """kv: a producer's (k, v) for a K/V consumer; qk: a source's rotated (q, k) for an attention consumer.
+        What the layer is not handed it computes, writing its keys (values) to cache slot slots[0] (slots[1]).
+        Returns (output, (q, k, v)): what this layer attended with, for the layers that read it."""
         B, T, _ = x.shape
-        q = self.queries(x, cos, sin)                                                   # (B, H, T, hd)
-        if kv is None:  # producer: project, rotate the keys once, and store them for later tokens
-            k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        q, k = qk if qk is not None else (self.queries(x, cos, sin), None)             # (B, H, T, hd)
+        if kv is not None:
+            k, v = kv
+        else:
+            if k is None:  # project and rotate the keys once, here; readers get them rotated
+                k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
+                k = k if cache is None else cache.write(cache.k, slots[0], input_pos, k)  # (B, KVH, S, hd)
             v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
-            k = apply_rope(k, cos, sin)
-            if cache is not None:
-                k, v = cache.update(slot, input_pos, k, v)                            # (B, KVH, S, hd)
-            kv = (k, v)
-        k, v = kv
+            v = v if cache is None else cache.write(cache.v, slots[1], input_pos, v)      # (B, KVH, S, hd)
         if mask is None:  # a full pass from position 0: SDPA's own causal mask (aligned top-left) is right
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:             # through the cache, at an offset: an explicit mask (T, S)
             y = attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                # (B, T, H*hd)
-        return F.dropout(self.wo(y), self.dropout, self.training), kv
+        return F.dropout(self.wo(y), self.dropout, self.training), (q, k, v)
 
 
 def attend_masked(q, k, v, mask):
@@ -215,50 +240,69 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, producer):
+    def __init__(self, cfg, reads=None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attention = Attention(cfg, producer)
+        self.attention = Attention(cfg, reads)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None, cache=None, slot=None, input_pos=None):
-        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, kv, cache, slot, input_pos)
+    def forward(self, x, cos, sin, mask, kv=None, qk=None, cache=None, slots=(None, None), input_pos=None):
+        a, qkv = self.attention(self.attention_norm(x), cos, sin, mask, kv, qk, cache, slots, input_pos)
         x = x + a
-        return x + self.feed_forward(self.ffn_norm(x)), kv
+        return x + self.feed_forward(self.ffn_norm(x)), qkv
 
 
 # ----------------------------------------------------------------------------------------------------
-# The layer-aware KV cache: one slot per *producer* layer; consumers read their producer's slot.
+# The layer-aware cache: a K slot per layer that computes keys, a V slot per layer that computes values.
+# K/V consumers have neither (they read their producer's); attention consumers only a V slot.
 
 class KVCache(nn.Module):
-    def __init__(self, n_slots, batch_size, max_len, n_kv_head, head_dim, dtype, device):
+    def __init__(self, n_k_slots, n_v_slots, batch_size, max_len, n_kv_head, head_dim, dtype, device):
         super().__init__()
-        shape = (n_slots, batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros((n_k_slots, *shape), dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros((n_v_slots, *shape), dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
-    def update(self, slot, input_pos, k, v):
-        """Write k, v (B, KVH, T, hd) at positions input_pos (T,); return the slot's whole (B, KVH, S, hd).
-        The cache keeps its own dtype (under autocast k and v may arrive in another)."""
-        self.k[slot, :, :, input_pos] = k.to(self.k.dtype)
-        self.v[slot, :, :, input_pos] = v.to(self.v.dtype)
-        return self.k[slot], self.v[slot]
+    @staticmethod
+    def write(buffer, slot, input_pos, x):
+        """Write x (B, KVH, T, hd) at positions input_pos (T,) of buffer[slot]; return the slot's whole
+        (B, KVH, S, hd). The cache keeps its own dtype (under autocast x may arrive in another)."""
+        buffer[slot][:, :, input_pos] = x.to(buffer.dtype)
+        return buffer[slot]
 
     @property
     def nbytes(self):
         return self.k.nbytes + self.v.nbytes
 
 
+def cache_slots(kv_sources, att_sources):
+    """(k_slot, v_slot) per layer, None where the layer computes no keys (values). A layer computes V unless
+    it reads another layer's K/V, and K also unless it reuses another layer's attention."""
+    k_layers = [i for i in range(len(kv_sources)) if kv_sources[i] == i and att_sources[i] == i]
+    v_layers = [i for i in range(len(kv_sources)) if kv_sources[i] == i]
+    return [(k_layers.index(i) if i in k_layers else None, v_layers.index(i) if i in v_layers else None)
+            for i in range(len(kv_sources))]
+
+
+def projection_counts(cfg):
+    """How many layers compute their own queries, keys and values: {'q': .., 'k': .., 'v': ..}."""
+    kv, att = resolve_sharing(cfg)
+    layers = range(cfg.n_layer)
+    return {"q": sum(att[i] == i for i in layers), "k": sum(kv[i] == i and att[i] == i for i in layers),
+            "v": sum(kv[i] == i for i in layers)}
+
+
 def n_producers(cfg):
     """How many layers compute (and cache) their own K/V."""
-    return sum(s == i for i, s in enumerate(resolve_kv_sources(cfg.kv_share, cfg.n_layer)))
+    return projection_counts(cfg)["v"]
 
 
 def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
-    """Closed form: 2 (K and V) x producers x batch x positions x KV heads x head_dim x element size."""
-    return 2 * n_producers(cfg) * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
+    """Closed form: (K slots + V slots) x batch x positions x KV heads x head_dim x element size."""
+    n = projection_counts(cfg)
+    return (n["k"] + n["v"]) * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,10 +312,12 @@ class LLaMA(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.kv_sources = resolve_kv_sources(config.kv_share, config.n_layer)
-        self.producers = [i for i, s in enumerate(self.kv_sources) if s == i]
+        self.kv_sources, self.att_sources = resolve_sharing(config)
+        self.producers = [i for i, s in enumerate(self.kv_sources) if s == i]  # layers that compute K/V
+        self.slots = cache_slots(self.kv_sources, self.att_sources)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, producer=i in self.producers) for i in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, "kv" if kv != i else "att" if att != i else None)
+                                    for i, (kv, att) in enumerate(zip(self.kv_sources, self.att_sources)))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -298,7 +344,8 @@ class LLaMA(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
     def setup_cache(self, batch_size, max_len, dtype=None):
-        """Preallocate the static KV cache: one slot per producer layer, max_len positions. Its dtype is the
+        """Preallocate the static KV cache: K and V slots for the layers that compute them (see KVCache),
+        max_len positions each. Its dtype is the
         one K/V are computed in: autocast's if autocast is on, else the weights'."""
         if max_len > self.config.block_size:
             raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
@@ -309,18 +356,21 @@ class LLaMA(nn.Module):
         c = self.kv_cache
         if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
-        self.kv_cache = KVCache(len(self.producers), batch_size, max_len, self.config.n_kv_head,
-                                self.config.head_dim, dtype, device)
+        n_k, n_v = (sum(slot[j] is not None for slot in self.slots) for j in (0, 1))
+        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+                                dtype, device)
 
     def cache_len(self, prompt_len, max_new_tokens):
         """Positions the cache needs to generate max_new_tokens after a prompt (at most the window)."""
         return min(self.config.block_size, prompt_len + max_new_tokens)
 
-    def forward(self, idx, targets=None, input_pos=None, all_logits=False):
+    def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=None):
         """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
         With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
         Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the last position only, because
-        generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor)."""
+        generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor).
+        Returns (logits, loss), and with hidden_at (layer indices) also the residual stream (B, T, C) after
+        each of those layers (distill_hidden compares them with a teacher's)."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -332,18 +382,22 @@ class LLaMA(nn.Module):
             # query at position p sees cached keys 0..p; explicit, because is_causal would align top-left
             mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
         x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
-        kv_of = {}  # producer layer -> the (k, v) it computed in this pass
-        for i, (layer, src) in enumerate(zip(self.layers, self.kv_sources)):
-            # a producer (src == i) finds nothing in kv_of and computes; a consumer reuses kv_of[src]
-            slot = self.producers.index(src)
-            x, kv_of[src] = layer(x, cos, sin, mask, kv_of.get(src), cache, slot, input_pos)
+        seen, hidden = [], []  # seen[j] = the (q, k, v) layer j attended with in this pass
+        for i, layer in enumerate(self.layers):
+            kv_src, att_src = self.kv_sources[i], self.att_sources[i]
+            kv = seen[kv_src][1:] if kv_src != i else None     # a K/V consumer: its producer's k, v
+            qk = seen[att_src][:2] if att_src != i else None   # an attention consumer: its source's q, k
+            x, qkv = layer(x, cos, sin, mask, kv, qk, cache, self.slots[i], input_pos)
+            seen.append(qkv)
+            if hidden_at is not None and i in hidden_at:
+                hidden.append(x)
         if targets is None and not all_logits:
             x = x[:, -1:]                                                                # (B, 1, C)
         logits = self.output(self.norm(x)).float()                                       # (B, T or 1, V)
         loss = None
         if targets is not None:  # reshape, not view: targets may be a slice such as x[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits, loss) if hidden_at is None else (logits, loss, hidden)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -524,24 +578,25 @@ def device_peak(kind, device, dtype=torch.float32, override=-1):
 
 
 def matmul_params(cfg):
-    """Weights that take part in a matmul per token: attention and MLP projections and the LM head."""
-    d, hd = cfg.n_embd, cfg.head_dim
-    q_o = 2 * d * cfg.n_head * hd
-    k_v = 2 * d * cfg.n_kv_head * hd
-    mlp = 3 * d * cfg.intermediate_size
-    return cfg.n_layer * (q_o + mlp) + n_producers(cfg) * k_v + d * cfg.vocab_size
+    """Weights that take part in a matmul per token: attention and MLP projections and the LM head. Sharing
+    removes projections (wq and wk of attention consumers, wk and wv of K/V consumers); every layer keeps wo."""
+    d, n = cfg.n_embd, projection_counts(cfg)
+    q, kv = d * cfg.n_head * cfg.head_dim, d * cfg.n_kv_head * cfg.head_dim
+    wo_mlp = d * cfg.n_head * cfg.head_dim + 3 * d * cfg.intermediate_size
+    return n["q"] * q + (n["k"] + n["v"]) * kv + cfg.n_layer * wo_mlp + d * cfg.vocab_size
 
 
 def training_flops_per_token(cfg, seq_len):
     """Forward + backward FLOPs per token: 6 per matmul weight, plus attention scores and mixing
-    (12 per layer, head and position: 2 matmuls, x2 multiply-add, x3 forward + backward)."""
+    (12 per layer, head and position: 2 matmuls, x2 multiply-add, x3 forward + backward). Every layer keeps
+    the attention term: an attention consumer recomputes its source's scores (softmax(q k^T) is not stored)."""
     return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
 def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
     """Bytes one decode step must read: every weight once (of the embedding table only the B rows looked
-    up, unless the head is tied to it) plus each producer's cached K and V over `context` positions.
-    Consumers read their producer's slot, which is counted once: this is the least traffic possible."""
+    up, unless the head is tied to it) plus every K and V slot of the cache over `context` positions.
+    Consumers read their source's slots, which are counted once: this is the least traffic possible."""
     d = cfg.n_embd
     weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
     return weights * bytes_per_element + kv_cache_bytes(cfg, batch_size, context, bytes_per_element)
@@ -630,30 +685,45 @@ def set_dropout(model, p):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Conversion between kv_share specs (how a pretrained model becomes an ECHO model)
+# Conversion between sharing specs (how a pretrained model becomes an ECHO or EchoAtt model)
 
-def convert_kv_share(model, spec, kv_init="keep"):
-    """A new model with kv_share=spec and the weights of `model`. Layers that become consumers lose their
-    K/V weights. A producer's K/V start as its own ('keep') or as the mean of the K/V weights of every
-    layer that will read it ('mean', as MLKV and LCKV initialise a shared projection)."""
+def projection_owner(model, i, w):
+    """The layer whose projection w ('wq', 'wk' or 'wv') layer i's attention uses in `model`."""
+    if w == "wq":
+        return model.att_sources[i]
+    if w == "wk":  # a K/V consumer's producer, an attention consumer's source's producer, else i itself
+        return model.kv_sources[model.att_sources[i]]
+    return model.kv_sources[i]
+
+
+def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
+    """A new model with these specs (None: as `model` has it) and the weights of `model`. Layers that become
+    consumers lose the projections they no longer use. A layer that computes a projection starts with the one
+    it used so far ('keep': its own, or its old source's), or for K/V with kv_init='mean' the mean of what
+    every layer that will read it used (as MLKV and LCKV initialise a shared projection)."""
     if kv_init not in ("keep", "mean"):
         raise UsageError(f"kv_init={kv_init!r}: expected 'keep' or 'mean'")
+    config = replace(model.config, kv_share=model.config.kv_share if kv_share is None else kv_share,
+                     att_share=model.config.att_share if att_share is None else att_share)
     weight = model.tok_embeddings.weight
     with torch.device(weight.device):
-        new = LLaMA(replace(model.config, kv_share=spec)).to(weight.dtype)
-    old = model.state_dict()
-    state = {k: v for k, v in old.items() if ".attention.wk." not in k and ".attention.wv." not in k}
-    for p in new.producers:
-        readers = [i for i, s in enumerate(new.kv_sources) if s == p] if kv_init == "mean" else [p]
-        # the projection reader i used so far is its old source's; average those, one vote per reader
-        # (counted per source layer, so a single source is copied exactly, not re-averaged in floats)
+        new = LLaMA(config).to(weight.dtype)
+    old, state = model.state_dict(), {}
+    for name in new.state_dict():
+        parts = name.split(".")  # layers.{i}.attention.{w}.weight
+        if parts[0] != "layers" or parts[3] not in ("wq", "wk", "wv"):
+            state[name] = old[name]
+            continue
+        i, w = int(parts[1]), parts[3]
+        readers = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
+        # one vote per reader for the projection it used so far, counted per owner (so that a single owner
+        # is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
         votes = {}
-        for i in readers:
-            votes[model.kv_sources[i]] = votes.get(model.kv_sources[i], 0) + 1
-        for w in ("wk", "wv"):
-            used = [(old[f"layers.{s}.attention.{w}.weight"], n) for s, n in votes.items()]
-            state[f"layers.{p}.attention.{w}.weight"] = (used[0][0].clone() if len(used) == 1 else
-                                                         sum(t * n for t, n in used) / len(readers))
+        for j in readers:
+            owner = projection_owner(model, j, w)
+            votes[owner] = votes.get(owner, 0) + 1
+        used = [(old[f"layers.{o}.attention.{w}.weight"], n) for o, n in votes.items()]
+        state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(readers)
     new.load_state_dict(state)
     return new
 
@@ -764,9 +834,9 @@ def hf_weights(path):
 
 def load_hf_llama(path, kv_init="keep", **overrides):
     """Load a local Hugging Face LLaMA (e.g. TinyLlama-1.1B). overrides: ModelConfig fields; a kv_share
-    other than 'none' converts the model with convert_kv_share(kv_init) after loading."""
+    or att_share other than 'none' converts the model with convert_sharing(kv_init) after loading."""
     config = hf_config(path)
-    spec = overrides.pop("kv_share", "none")
+    specs = {k: overrides.pop(k, "none") for k in ("kv_share", "att_share")}
     config = ModelConfig.from_dict({**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
     model = LLaMA(config)
     state, hf_names = {}, {}
@@ -780,4 +850,4 @@ def load_hf_llama(path, kv_init="keep", **overrides):
     if config.tie_embeddings and "tok_embeddings.weight" in state:
         state.setdefault("output.weight", state["tok_embeddings.weight"])
     load_weights(model, state, path, hf_names)
-    return model if spec == "none" else convert_kv_share(model, spec, kv_init)
+    return model if specs == {"kv_share": "none", "att_share": "none"} else convert_sharing(model, **specs, kv_init=kv_init)

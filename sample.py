@@ -135,9 +135,9 @@ def sample(cfg, out=None):
         "prefill_tokens_per_s": cfg.num_samples * len(ids) / (t_first - t0),
         "decode_tokens_per_s": cfg.num_samples * (cfg.max_new_tokens - 1) / max(t_end - t_first, 1e-9),
         "kv_cache_bytes": model.kv_cache.nbytes,
-        "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none"), cfg.num_samples,
-                                                  model.kv_cache.max_len, elem),
-        "producers": len(model.producers), "n_layer": model.config.n_layer,
+        "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none", att_share="none"),
+                                                  cfg.num_samples, model.kv_cache.max_len, elem),
+        "producers": len(model.producers), "k_slots": model.kv_cache.k.size(0), "n_layer": model.config.n_layer,
     }
     return texts, stats
 
@@ -145,7 +145,7 @@ def sample(cfg, out=None):
 def summary(s):
     return (f"{s['samples'] * s['new_tokens']} tokens ({s['samples']} x {s['new_tokens']}) | prefill "
             f"{s['prefill_tokens_per_s']:,.0f} tok/s | decode {s['decode_tokens_per_s']:,.1f} tok/s | KV cache "
-            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['producers']} of {s['n_layer']} layers keep K/V; "
+            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB (K of {s['k_slots']}, V of {s['producers']} of {s['n_layer']} layers; "
             f"without sharing {s['kv_cache_bytes_unshared'] / 2**20:.2f} MiB)")
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (LLaMA, ModelConfig, UsageError, convert_kv_share, device_peak, load_checkpoint,
-                   model_from_checkpoint, read_json, resolve_kv_sources, save_checkpoint, set_dropout)
+from model import (LLaMA, ModelConfig, UsageError, convert_sharing, device_peak, load_checkpoint,
+                   model_from_checkpoint, projection_owner, read_json, resolve_sharing, save_checkpoint, set_dropout)
 
 CUDA = torch.cuda.is_available()
 
@@ -57,13 +57,16 @@ class TrainConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     kv_share: str = "none"                # with ckpt:/hf:, the loaded model is converted to this spec
-    # converting to K/V sharing (see README): one shot via kv_share, or layer-wise via kv_share_target
+    att_share: str = "none"               # EchoAtt's attention sharing, the same grammar; converted likewise
+    # converting to sharing (see README): one shot via kv_share/att_share, or layer-wise via the *_target ones
     kv_init: str = "keep"                 # a producer's K/V start as its own ('keep') or its readers' mean ('mean')
-    kv_share_target: str = ""             # e.g. 'echo:4': convert its consumers top-down in stages of 1, 2, 4, ...
+    kv_share_target: str = ""             # e.g. 'echo:4': convert its consumers top-down, 1, then 2, 4, ... in all
+    att_share_target: str = ""            # the same for attention sharing (both may be given)
     adapt_iters: int = 0                  # iterations per stage; after the stages, full fine-tuning to max_iters
     adapt_freeze: bool = False            # during the stages, train only the converted layers (+ producers' K/V)
-    # distillation (see README): loss = (1 - a) * CE + a * T^2 * KL(teacher || student), a = distill_alpha
-    distill_alpha: float = 0.0            # 0 = off
+    # distillation (see README): loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
+    distill_alpha: float = 0.0            # a; 0 = off
+    distill_hidden: float = 0.0           # h: EchoAtt's term, MSE of the residual streams after each shared block
     distill_temperature: float = 1.0      # T: both distributions are softened by it
     distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:DIR, hf:PATH
     # AdamW, linear warmup then cosine decay to min_lr
@@ -165,19 +168,28 @@ def check_settings(cfg):
         raise UsageError(f"kv_init={cfg.kv_init!r}: expected 'keep' or 'mean'")
     if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", "hf:"))):
         raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR or hf:PATH")
-    if cfg.kv_share_target and cfg.init_from == "scratch":
-        raise UsageError("kv_share_target converts a trained model: use it with init_from=ckpt:DIR or hf:PATH")
-    if not 0 <= cfg.distill_alpha <= 1:
-        raise UsageError(f"distill_alpha={cfg.distill_alpha}: expected 0 <= distill_alpha <= 1 (0 = off)")
+    for key in ("kv_share_target", "att_share_target"):
+        if getattr(cfg, key) and cfg.init_from == "scratch":
+            raise UsageError(f"{key} converts a trained model: use it with init_from=ckpt:DIR or hf:PATH")
+    for key in ("distill_alpha", "distill_hidden"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise UsageError(f"{key}={getattr(cfg, key)}: expected 0 <= {key} <= 1 (0 = off)")
+    if cfg.distill_alpha + cfg.distill_hidden > 1:
+        raise UsageError(f"distill_alpha + distill_hidden = {cfg.distill_alpha + cfg.distill_hidden}: the two "
+                         f"weights and the cross-entropy's (1 - both) must not exceed 1")
     if not (cfg.distill_temperature > 0 and math.isfinite(cfg.distill_temperature)):
         raise UsageError(f"distill_temperature={cfg.distill_temperature}: expected a number > 0")
     if cfg.distill_from and not cfg.distill_from.startswith(("ckpt:", "hf:")):
         raise UsageError(f"distill_from={cfg.distill_from!r}: expected '' (the model as loaded), ckpt:DIR or hf:PATH")
-    if cfg.distill_alpha > 0 and cfg.init_from == "scratch" and not cfg.distill_from:
-        raise UsageError("distill_alpha > 0 needs a teacher: a run from scratch has none, so give distill_from="
-                         "ckpt:DIR or hf:PATH")
+    if distilling(cfg) and cfg.init_from == "scratch" and not cfg.distill_from:
+        raise UsageError("distill_alpha or distill_hidden > 0 needs a teacher: a run from scratch has none, so "
+                         "give distill_from=ckpt:DIR or hf:PATH")
     check_device(cfg.device)
     precision(cfg.device, cfg.dtype)
+
+
+def distilling(cfg):
+    return cfg.distill_alpha > 0 or cfg.distill_hidden > 0
 
 
 def precision(device, dtype):
@@ -299,8 +311,8 @@ def estimate_loss(model, data, cfg, autocast):
 # ----------------------------------------------------------------------------------------------------
 # Where the model comes from, and the layer-wise conversion schedule
 
-RUN_SETTINGS = ("kv_share_target", "adapt_iters", "adapt_freeze", "kv_init",  # schedule and teacher: a run
-                "distill_alpha", "distill_temperature", "distill_from")         # keeps them on resume
+RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "adapt_freeze", "kv_init",  # schedule and
+                "distill_alpha", "distill_hidden", "distill_temperature", "distill_from")  # teacher: kept on resume
 
 
 def same_tokens(a, b):
@@ -366,13 +378,15 @@ def initial_model(cfg, meta):
         model, ckpt = load_pretrained(cfg.init_from, cfg, meta), None
         set_dropout(model, cfg.dropout)  # fine-tuning: dropout is this run's setting, not the source's
         teacher_from = cfg.distill_from or cfg.init_from
-        if cfg.distill_alpha > 0 and teacher_from == cfg.init_from:
+        if distilling(cfg) and teacher_from == cfg.init_from:
             teacher = copy.deepcopy(model)  # the model as loaded, before the conversion below
-        # one-shot conversion, if asked for (without --kv_share the model keeps the sharing it has)
-        if "kv_share" in cfg.explicit and not cfg.kv_share_target:
-            if model.kv_sources != resolve_kv_sources(cfg.kv_share, model.config.n_layer):
-                model = convert_kv_share(model, cfg.kv_share, cfg.kv_init)
-    if cfg.distill_alpha == 0:
+        # one-shot conversion, if asked for (a spec not given keeps the sharing the model has)
+        specs = {k: getattr(cfg, k) if k in cfg.explicit else getattr(model.config, k) for k in ("kv_share", "att_share")}
+        if not (cfg.kv_share_target or cfg.att_share_target):
+            wanted = resolve_sharing(types.SimpleNamespace(**specs, n_layer=model.config.n_layer))
+            if (model.kv_sources, model.att_sources) != wanted:
+                model = convert_sharing(model, **specs, kv_init=cfg.kv_init)
+    if not distilling(cfg):
         return model, ckpt, None, None
     if teacher is None:
         try:
@@ -384,6 +398,10 @@ def initial_model(cfg, meta):
                          f"the student {model.config.vocab_size}: they must be the same")
     if teacher.config.block_size < cfg.block_size:
         raise UsageError(f"block_size={cfg.block_size} exceeds the teacher's context {teacher.config.block_size}")
+    shape = lambda c: (c.n_layer, c.n_embd)  # noqa: E731
+    if cfg.distill_hidden > 0 and shape(teacher.config) != shape(model.config):
+        raise UsageError(f"distill_hidden compares residual streams layer by layer, but the teacher {teacher_from} "
+                         f"has (n_layer, n_embd) = {shape(teacher.config)}, the student {shape(model.config)}")
     teacher.eval().requires_grad_(False)  # frozen: no gradients, no optimizer state, no dropout
     return model, ckpt, teacher, teacher_from
 
@@ -397,30 +415,70 @@ def distill_loss(student_logits, teacher_logits, temperature):
     return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def adaptation_stages(start, target_spec):
-    """kv_sources for each stage: the target's consumers converted from the top layer down, 1, 2, 4, ...
-    at a time (cumulative counts), ending with all of them. A layer not yet converted keeps its source
-    from `start`, except that the target's producers produce from the first stage on (a model that
-    already shares may have one of them as a consumer, and a converted layer must read a producer)."""
-    target = resolve_kv_sources(target_spec, len(start))
-    consumers = [i for i in reversed(range(len(start))) if target[i] != i]
+def block_outputs(model):
+    """The last layer of each shared block (a source and the layers that read its K/V or attention): where
+    distill_hidden compares the student's residual stream with the teacher's, as EchoAtt does."""
+    last = {}
+    for i, sources in enumerate(zip(model.kv_sources, model.att_sources)):
+        for src in sources:
+            if src != i:
+                last[src] = i
+    return tuple(sorted(set(last.values())))
+
+
+def hidden_loss(student_hidden, teacher_hidden):
+    """Mean over the compared layers of the MSE between residual streams (0 before any layer shares)."""
+    if not student_hidden:
+        return torch.zeros(())
+    return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden, teacher_hidden)) / len(student_hidden)
+
+
+def adaptation_stages(start, kv_target="", att_target="", freeze=False):
+    """The layer-wise conversion schedule as plain data: a list of stages, each a dict with the model's
+    kv_sources and att_sources during the stage and whether only the converted layers train ("freeze").
+
+    The target's consumers (layers that read another layer's K/V or attention) are converted from the top
+    layer down: the first stage converts 1 of them, the next 2, then 4, ... (cumulative counts: each stage
+    keeps the conversions before it), the last adaptation stage all of them. The final entry is the full
+    fine-tuning at the target (never frozen). start: the model's {"kv_sources", "att_sources"}; a target
+    not given keeps the start's sharing of that kind. A layer not yet converted keeps its sources from
+    start, except that what it computes in the target it computes from the first stage on (in a model that
+    already shares, a target source may be a consumer, and a converted layer must read a layer that computes)."""
+    n = len(start["kv_sources"])
+    spec = lambda target, key: target or ",".join(map(str, start[key]))  # noqa: E731
+    kv, att = resolve_sharing(types.SimpleNamespace(kv_share=spec(kv_target, "kv_sources"),
+                                                    att_share=spec(att_target, "att_sources"), n_layer=n))
+    target = {"kv_sources": kv, "att_sources": att}
+    consumers = [i for i in reversed(range(n)) if kv[i] != i or att[i] != i]
     counts = [2 ** k for k in range(len(consumers).bit_length()) if 2 ** k < len(consumers)] + [len(consumers)]
-    return [[target[i] if i in consumers[:c] else i if target[i] == i else start[i] for i in range(len(start))]
-            for c in counts]
+
+    def stage(converted, frozen):
+        return {key: [target[key][i] if i in converted else i if target[key][i] == i else start[key][i]
+                      for i in range(n)] for key in target} | {"freeze": frozen}
+
+    return [stage(consumers[:c], freeze) for c in counts if c] + [stage(consumers, False)]
 
 
-def enter_stage(model, stages, stage, cfg):
-    """Convert the model to the stage's kv_sources (if it is not there yet) and set what trains.
-    Stage len(stages) is the final full fine-tuning at the target."""
-    sources = stages[min(stage, len(stages) - 1)]
-    if model.kv_sources != sources:
-        model = convert_kv_share(model, ",".join(map(str, sources)), cfg.kv_init)
-    freeze = cfg.adapt_freeze and stage < len(stages)
-    converted = {i for i, s in enumerate(sources) if s != i}  # the layers reading another layer's K/V
-    trainable_kv = {f"layers.{sources[i]}.attention.{w}." for i in converted for w in ("wk", "wv")}
+def legacy_stages(stages, n_layer, freeze):
+    """A checkpoint written before attention sharing stored only the adaptation stages' kv_sources."""
+    if stages and isinstance(stages[0], dict):
+        return stages
+    final = {"kv_sources": stages[-1], "att_sources": list(range(n_layer)), "freeze": False}
+    return [dict(final, kv_sources=s, freeze=freeze) for s in stages] + [final]
+
+
+def enter_stage(model, stage, cfg):
+    """Convert the model to the stage's sources (if it is not there yet) and set what trains: all of it,
+    or when the stage freezes, only the converted layers and the projections they now read."""
+    if (model.kv_sources, model.att_sources) != (stage["kv_sources"], stage["att_sources"]):
+        model = convert_sharing(model, ",".join(map(str, stage["kv_sources"])),
+                                ",".join(map(str, stage["att_sources"])), cfg.kv_init)
+    n = len(model.layers)
+    converted = {i for i in range(n) if model.kv_sources[i] != i or model.att_sources[i] != i}
+    read = {f"layers.{projection_owner(model, i, w)}.attention.{w}." for i in converted for w in ("wq", "wk", "wv")}
     for name, p in model.named_parameters():
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        p.requires_grad_(not freeze or layer in converted or any(name.startswith(k) for k in trainable_kv))
+        p.requires_grad_(not stage["freeze"] or layer in converted or any(name.startswith(r) for r in read))
     return model
 
 
@@ -485,17 +543,20 @@ def train(cfg):
                 setattr(cfg, k, v)
     if cfg.block_size > model.config.block_size:
         raise UsageError(f"block_size={cfg.block_size} exceeds the model's context {model.config.block_size}")
-    # layer-wise conversion: a list of stages (one stage, the model as it is, without a target)
-    stages = ckpt.get("adapt_stages") if ckpt else None
-    stages = stages or (adaptation_stages(model.kv_sources, cfg.kv_share_target) if cfg.kv_share_target
-                        else [model.kv_sources])
+    # the conversion schedule (see adaptation_stages); without a target, one stage: the model as it is
+    if ckpt and ckpt.get("adapt_stages"):
+        stages = legacy_stages(ckpt["adapt_stages"], model.config.n_layer, cfg.adapt_freeze)
+    else:
+        stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources},
+                                   cfg.kv_share_target, cfg.att_share_target, cfg.adapt_freeze)
+    final = len(stages) - 1  # the full fine-tuning at the target
 
     def stage_at(it):
-        return min(it // cfg.adapt_iters, len(stages)) if cfg.adapt_iters else len(stages)
+        return min(it // cfg.adapt_iters, final) if cfg.adapt_iters else final
 
     def setup(model, stage):
         """Enter the stage; return (raw model, training model, eval model, fresh optimizer)."""
-        raw = enter_stage(model, stages, stage, cfg).to(cfg.device)  # the plain module: checkpoints save it
+        raw = enter_stage(model, stages[stage], cfg).to(cfg.device)  # the plain module: checkpoints save it
         optimizer = make_optimizer(raw, cfg)
         if cfg.compile:
             # every stage is a new module with the same forward code: without a reset, each stage's compiles
@@ -508,8 +569,11 @@ def train(cfg):
             model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
         return raw, model, (model.module if ddp else model), optimizer
 
-    stage = ckpt.get("stage", stage_at(iter_num)) if ckpt else stage_at(iter_num)  # the optimizer state's stage
+    # the stage the optimizer state belongs to: a checkpoint written at the first eval of a new stage was
+    # saved before the model entered it (the switch happens just after the eval), so it says the old one
+    stage = ckpt.get("stage", stage_at(iter_num)) if ckpt else stage_at(iter_num)
     raw_model, model, eval_model, optimizer = setup(model, stage)
+    hidden_at = block_outputs(raw_model) if cfg.distill_hidden else ()  # layers distill_hidden compares
     if teacher is not None:  # in the run's dtype under its autocast, compiled when the student is
         teacher = teacher.to(cfg.device)
         teacher_fn = torch.compile(teacher) if cfg.compile else teacher
@@ -540,10 +604,11 @@ def train(cfg):
             raise UsageError(f"cannot create out_dir={cfg.out_dir} ({e.strerror})") from None
         if os.path.exists(ckpt_path + ".tmp"):  # left by a crash mid-save; ckpt.pt itself is whole
             os.remove(ckpt_path + ".tmp")
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_sources={raw_model.kv_sources}")
-        if cfg.kv_share_target:
-            print(f"layer-wise conversion to {cfg.kv_share_target}: {len(stages)} stages of {cfg.adapt_iters} "
-                  f"iterations, then full fine-tuning; stage kv_sources: {stages}")
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_sources={raw_model.kv_sources}, "
+              f"att_sources={raw_model.att_sources}")
+        if final:
+            print(f"layer-wise conversion: {final} stages of {cfg.adapt_iters} iterations, then full fine-tuning; "
+                  f"stages: {stages}")
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), iter_num if cfg.init_from == "resume" else None)
@@ -562,7 +627,7 @@ def train(cfg):
     def progress():
         """What every log line carries for plots: where the run is, in tokens and training seconds."""
         return {"tokens": iter_num * tokens_per_iter, "train_seconds": round(train_seconds, 3), "stage": stage,
-                "kv_share": raw_model.config.kv_share}
+                "kv_share": raw_model.config.kv_share, "att_share": raw_model.config.att_share}
 
     peak_flops = peak_label = None  # measured (if need be) at the first log line, outside the timed window
     t0, window_iters = time.time(), 0
@@ -578,7 +643,8 @@ def train(cfg):
             check_finite(losses["val"] + losses["train"], iter_num, cfg)
             say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                  **progress(), "kv_sources": raw_model.kv_sources}) + "\n")
+                                  **progress(), "kv_sources": raw_model.kv_sources,
+                                  "att_sources": raw_model.att_sources}) + "\n")
             log.flush()
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
@@ -590,9 +656,10 @@ def train(cfg):
         if stage_at(iter_num) != stage:  # next adaptation stage: convert more layers, fresh optimizer
             stage = stage_at(iter_num)
             raw_model, model, eval_model, optimizer = setup(raw_model, stage)
+            hidden_at = block_outputs(raw_model) if cfg.distill_hidden else ()
             if master:
-                say(f"stage {stage}: kv_sources={raw_model.kv_sources}"
-                    + (" (full fine-tuning)" if stage == len(stages) else ""))
+                say(f"stage {stage}: kv_sources={raw_model.kv_sources}, att_sources={raw_model.att_sources}"
+                    + (" (full fine-tuning)" if stage == final else ""))
 
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -600,20 +667,25 @@ def train(cfg):
         rows = accum * cfg.batch_size  # this rank's rows of the global batch
         x_all, y_all = get_batch(data["train"], world * rows, cfg.block_size, batch_generator(cfg.seed, iter_num),
                                  slice(rank * rows, (rank + 1) * rows))
-        iter_loss = iter_ce = iter_kd = 0.0  # means over micro-steps, kept on the device until logged
+        iter_loss = iter_ce = iter_kd = iter_hidden = 0.0  # means over micro-steps, on the device until logged
         for micro in range(accum):
             x = x_all[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)
             y = y_all[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)
             # DDP all-reduces gradients only on the last micro-step
             sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
             with sync, autocast:
-                logits, loss = model(x, y)
-                if teacher is not None:
+                if teacher is None:
+                    logits, loss = model(x, y)
+                else:
+                    logits, ce, hidden = model(x, y, hidden_at=hidden_at)
                     with torch.no_grad():
-                        teacher_logits = teacher_fn(x, all_logits=True)[0]
+                        teacher_logits, _, teacher_hidden = teacher_fn(x, all_logits=True, hidden_at=hidden_at)
                     kd = distill_loss(logits, teacher_logits, cfg.distill_temperature)
-                    iter_ce, iter_kd = iter_ce + loss.detach() / accum, iter_kd + kd.detach() / accum
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+                    mse = hidden_loss(hidden, teacher_hidden)
+                    iter_ce, iter_kd = iter_ce + ce.detach() / accum, iter_kd + kd.detach() / accum
+                    iter_hidden = iter_hidden + mse.detach() / accum
+                    a, h = cfg.distill_alpha, cfg.distill_hidden
+                    loss = (1 - a - h) * ce + a * kd + h * mse
                 loss = loss / accum  # average, not sum, over micro-steps
             scaler.scale(loss).backward()
             iter_loss += loss.detach()
@@ -642,6 +714,8 @@ def train(cfg):
                 teacher.flops_per_token(cfg.block_size) / 3 if teacher is not None else 0)
             mfu = None if frozen or not peak_flops else flops * tokens_per_s / world / peak_flops
             parts = {"ce": iter_ce.item(), "kd": iter_kd.item()} if teacher is not None else {}
+            if cfg.distill_hidden:
+                parts["hidden"] = float(iter_hidden)
             if bar:
                 bar.set_postfix_str(f"loss {lossf:.4f}, {tokens_per_s:,.0f} tok/s"
                                     + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))

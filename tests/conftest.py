@@ -39,3 +39,12 @@ def run(data_dir, out_dir, **kw):
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def kv_stages(start, target):
+    """The kv_sources of each adaptation stage; the final full fine-tuning must repeat the last one."""
+    from train import adaptation_stages
+    stages = adaptation_stages({"kv_sources": start, "att_sources": list(range(len(start)))}, target)
+    assert stages[-1] == dict(stages[-2], freeze=False) and all(st["att_sources"] == list(range(len(start)))
+                                                               for st in stages)
+    return [st["kv_sources"] for st in stages[:-1]]

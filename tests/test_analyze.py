@@ -34,7 +34,7 @@ def test_runs_table_and_plot(two_runs, tmp_path):
                         f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
-    assert rows[0].split()[:3] == ["run", "kv_share", "final"] and rows[1].startswith("base") and rows[2].startswith("conv")
+    assert rows[0].split()[:3] == ["run", "sharing", "final"] and rows[1].startswith("base") and rows[2].startswith("conv")
     final = read_log(two_runs / "conv")[-1]
     assert f"{final['val_loss']:.4f}" in rows[2] and f"{final['tokens']:,}" in rows[2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < png.stat().st_size < 150_000
@@ -148,21 +148,45 @@ def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_l
     assert all(abs(cost[i, j]) > 1e-4 for i in range(5) for j in range(i + 1, 5) if j != 3)  # the others do cost
 
 
+@pytest.mark.parametrize("kind", ["kv", "att"])
+def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, kind):
+    """reading() must do what a real conversion does: layer j then uses layer i's K/V or attention as is."""
+    import torch
+    from analyze import get_batch, mean_loss, share_costs
+    from model import convert_sharing, load_checkpoint, model_from_checkpoint
+    from train import TrainConfig, configure, load_dataset
+    model = model_from_checkpoint(load_checkpoint(five_layers / "ckpt.pt")).eval()
+    data, _ = load_dataset(configure(TrainConfig(), [f"--data_dir={data_dir}", "--dataset=tiny", "--block_size=32"]))
+    g = torch.Generator().manual_seed(0)
+    batches = [get_batch(data["val"], 4, 32, g) for _ in range(2)]
+    cost, base = share_costs(model, batches, kind)
+    for i, j in [(0, 1), (1, 4), (2, 3)]:
+        sources = list(range(5))
+        sources[j] = i
+        spec = ",".join(map(str, sources))
+        converted = convert_sharing(model, **{f"{kind}_share": spec}).eval()
+        assert abs(cost[i, j] - (mean_loss(converted, batches) - base)) < 1e-5
+
+
 def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_dir, tmp_path):
-    from model import resolve_kv_sources
+    from model import load_checkpoint, resolve_sources
     png = tmp_path / "layers.png"
     r = subprocess.run([sys.executable, "analyze.py", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
                         "--n_producers=3", "--batches=3", "--batch_size=4", f"--plot={png}"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("kv_share=")
-    sources = resolve_kv_sources(last[len("kv_share="):], 5)
-    assert sum(s == i for i, s in enumerate(sources)) == 3
-    assert "echo:2 " in r.stdout and "cla:2 " in r.stdout  # the fixed patterns at 3 producers, beside it
+    kv_line, att_line = r.stdout.strip().splitlines()[-2:]
+    assert kv_line.startswith("kv_share=") and att_line.startswith("att_share=")
+    for line in (kv_line, att_line):
+        sources = resolve_sources(line.partition("=")[2], 5)
+        assert sum(s == i for i, s in enumerate(sources)) == 3
+    assert "K/V, echo:2 " in r.stdout and "K/V, cla:2 " in r.stdout  # the fixed patterns at 3 producers, beside it
+    assert "attention, by similarity" in r.stdout and "attention, echo:2 " in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # train.py takes the printed spec as it is
-    run(data_dir, tmp_path / "ft", init_from=f"ckpt:{five_layers}", kv_share=last[len("kv_share="):], max_iters=2)
+    # train.py takes the printed specs as they are
+    run(data_dir, tmp_path / "ft", init_from=f"ckpt:{five_layers}", kv_share=kv_line.partition("=")[2], max_iters=2)
+    run(data_dir, tmp_path / "att", init_from=f"ckpt:{five_layers}", att_share=att_line.partition("=")[2], max_iters=2)
+    assert load_checkpoint(tmp_path / "att" / "ckpt.pt")["model_args"]["att_share"] == att_line.partition("=")[2]
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -7,10 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TEXT, read_log, run
-from model import LLaMA, UsageError, convert_kv_share, load_checkpoint
+from conftest import ROOT, TEXT, kv_stages, read_log, run
+from model import LLaMA, UsageError, convert_sharing, load_checkpoint
 from sample import SampleConfig, sample
-from train import adaptation_stages
 
 transformers = pytest.importorskip("transformers")  # test-only: builds the reference model
 from safetensors.torch import save_file  # noqa: E402
@@ -114,7 +113,7 @@ def test_keep_and_mean_conversions(hf_dir):
     old = base.state_dict()
     kv = lambda sd, i, w="wk": sd[f"layers.{i}.attention.{w}.weight"]  # noqa: E731
     for init in ("keep", "mean"):
-        model = convert_kv_share(base, "echo:2", init).eval()  # layers 2 and 3 read layer 1
+        model = convert_sharing(base, "echo:2", kv_init=init).eval()  # layers 2 and 3 read layer 1
         new = model.state_dict()
         assert model.kv_sources == [0, 1, 1, 1] and not any(".2.attention.wk" in k or ".3.attention.wv" in k for k in new)
         for w in ("wk", "wv"):
@@ -131,11 +130,11 @@ def test_keep_and_mean_conversions(hf_dir):
         steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(7, 12)]
         torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=1e-5)
     # converting an already-shared model: a new producer starts from the K/V its layer actually used
-    cla = convert_kv_share(base, "cla:2", "keep")                      # [0, 0, 2, 2]
-    again = convert_kv_share(cla, "0,1,1,1", "keep").state_dict()      # layer 1 becomes a producer
+    cla = convert_sharing(base, "cla:2", kv_init="keep")                      # [0, 0, 2, 2]
+    again = convert_sharing(cla, "0,1,1,1", kv_init="keep").state_dict()      # layer 1 becomes a producer
     assert torch.equal(kv(again, 1), kv(old, 0))
     with pytest.raises(ValueError, match="kv_init='median'"):
-        convert_kv_share(base, "echo:1", "median")
+        convert_sharing(base, "echo:1", kv_init="median")
 
 
 def test_from_pretrained_converts_when_asked(hf_dir):
@@ -146,10 +145,10 @@ def test_from_pretrained_converts_when_asked(hf_dir):
 
 
 def test_adaptation_stages_convert_top_down():
-    assert adaptation_stages(list(range(6)), "echo:3") == [[0, 1, 2, 3, 4, 2], [0, 1, 2, 3, 2, 2], [0, 1, 2, 2, 2, 2]]
-    stages = adaptation_stages(list(range(8)), "echo:5")  # 1, 2, 4, then all 5 consumers of layer 2
+    assert kv_stages(list(range(6)), "echo:3") == [[0, 1, 2, 3, 4, 2], [0, 1, 2, 3, 2, 2], [0, 1, 2, 2, 2, 2]]
+    stages = kv_stages(list(range(8)), "echo:5")  # 1, 2, 4, then all 5 consumers of layer 2
     assert [sum(s != i for i, s in enumerate(st)) for st in stages] == [1, 2, 4, 5]
-    assert adaptation_stages(list(range(4)), "cla:2") == [[0, 1, 2, 2], [0, 0, 2, 2]]
+    assert kv_stages(list(range(4)), "cla:2") == [[0, 1, 2, 2], [0, 0, 2, 2]]
 
 
 @pytest.fixture(scope="module")

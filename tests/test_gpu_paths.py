@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+from bench import variant_sharing
 from conftest import read_log, run
 from model import LLaMA, ModelConfig, compile_decode_step, datasheet_peak, device_peak, load_checkpoint
 from test_model import naive_greedy
@@ -41,12 +42,13 @@ def sdpa_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("spec", ["none", "echo:3", "cla:2", "0,0,2,2,2,5", "cla:4"])
+@pytest.mark.parametrize("spec", ["none", "echo:3", "cla:2", "0,0,2,2,2,5", "cla:4", "att=0,0,2,2,2,5",
+                                  "kv=0,0,2,3,4,5 att=0,1,2,3,3,2"])
 @pytest.mark.parametrize("n_head,n_kv_head", [(6, 6), (6, 3), (6, 2), (6, 1)], ids=["mha", "gqa2", "gqa3", "mqa"])
 def test_no_sdpa_call_pairs_a_mask_with_unequal_heads(sdpa_calls, spec, n_head, n_kv_head):
     torch.manual_seed(0)
     model = LLaMA(ModelConfig(vocab_size=61, block_size=40, n_layer=6, n_head=n_head, n_kv_head=n_kv_head,
-                              n_embd=48, kv_share=spec, dropout=0.1)).eval()
+                              n_embd=48, **variant_sharing(spec), dropout=0.1)).eval()
     idx = torch.randint(0, 61, (3, 23))
     model.train()
     model(idx, targets=idx)                               # training: causal, no mask -> flash

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import LLaMA, ModelConfig, kv_cache_bytes, resolve_kv_sources, training_flops_per_token
+from model import LLaMA, ModelConfig, kv_cache_bytes, resolve_sources, training_flops_per_token
 
 SPECS = ["none", "echo:3", "cla:2", "0,0,2,2,2,5"]
 
@@ -133,7 +133,7 @@ def test_flops_count_only_the_kv_projections_that_exist():
 ])
 def test_bad_kv_share_spec_raises(spec, match):
     with pytest.raises(ValueError, match=match):
-        resolve_kv_sources(spec, 6)
+        resolve_sources(spec, 6)
     with pytest.raises(ValueError, match=match):
         LLaMA(ModelConfig(n_layer=6, n_embd=32, n_head=4, vocab_size=10, kv_share=spec))
 

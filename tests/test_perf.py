@@ -7,17 +7,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import variant_sharing
 from model import LLaMA, ModelConfig, compile_decode_step, matmul_params, training_flops_per_token
 
 SHAPES = [  # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
     (6, 6, True), (6, 2, False), (6, 3, True), (6, 1, False)]
-SPECS = ["none", "echo:2", "cla:2", "cla:4", "0,0,0,3,3"]
+SPECS = ["none", "echo:2", "cla:2", "cla:4", "0,0,0,3,3", "att=cla:2", "kv=0,1,1,3,4 att=0,1,2,3,2"]
 
 
 def build(spec, n_head, n_kv_head, tied):
     torch.manual_seed(0)
     return LLaMA(ModelConfig(vocab_size=83, block_size=24, n_layer=5, n_head=n_head, n_kv_head=n_kv_head,
-                             n_embd=48, intermediate_size=80, tie_embeddings=tied, kv_share=spec))
+                             n_embd=48, intermediate_size=80, tie_embeddings=tied, **variant_sharing(spec)))
 
 
 @pytest.mark.parametrize("spec", SPECS)

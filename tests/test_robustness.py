@@ -11,10 +11,9 @@ import tempfile
 import pytest
 import torch
 
-from conftest import read_log, run
+from conftest import kv_stages, read_log, run
 from data.common import tokenizer_from_meta
-from model import LLaMA, ModelConfig, UsageError, load_checkpoint, resolve_kv_sources, save_checkpoint
-from train import adaptation_stages
+from model import LLaMA, ModelConfig, UsageError, load_checkpoint, resolve_sources, save_checkpoint
 
 
 @contextlib.contextmanager
@@ -98,11 +97,11 @@ def test_resume_mid_conversion_restores_the_schedule(data_dir, pretrained, tmp_p
 
 def test_stages_from_a_model_that_already_shares_are_valid():
     for start, target in [([0, 0, 2, 2], "echo:2"), ([0, 0, 0, 3, 3, 3], "echo:2"), ([0, 0, 2, 2, 4, 4], "cla:3")]:
-        stages = adaptation_stages(start, target)
+        stages = kv_stages(start, target)
         for sources in stages:
             assert all(sources[s] == s and s <= i for i, s in enumerate(sources)), (start, target, sources)
-        assert stages[-1] == resolve_kv_sources(target, len(start))
-    assert adaptation_stages([0, 0, 2, 2], "echo:2") == [[0, 1, 2, 1], [0, 1, 1, 1]]
+        assert stages[-1] == resolve_sources(target, len(start))
+    assert kv_stages([0, 0, 2, 2], "echo:2") == [[0, 1, 2, 1], [0, 1, 1, 1]]
 
 
 def test_finetuning_applies_its_own_dropout(data_dir, pretrained, tmp_path):

@@ -18,7 +18,7 @@ def test_short_run_loss_falls_and_checkpoint_has_no_consumer_kv(data_dir, tmp_pa
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     ckpt = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
     assert ckpt["iter_num"] == 30 and ckpt["meta"]["tokenizer"] == "char"
-    sources = model_module.resolve_kv_sources(kv_share, 4)
+    sources = model_module.resolve_sources(kv_share, 4)
     for i, s in enumerate(sources):
         assert (f"layers.{i}.attention.wk.weight" in ckpt["model"]) == (s == i)
 
