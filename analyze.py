@@ -26,8 +26,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from model import UsageError, convert_sharing, load_checkpoint, model_from_checkpoint, resolve_sources
-from train import check_device, get_batch, load_dataset, load_pretrained, same_tokens
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import check_device
+from model import UsageError, convert_sharing
+from train import get_batch, load_dataset, load_pretrained, same_tokens
 
 
 def read_run(folder):

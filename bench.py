@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from model import (LLaMA, ModelConfig, UsageError, compile_decode_step, decode_bytes_per_step, device_peak,
-                   inference_layout, kv_cache_bytes, training_flops_per_token)
-from train import CUDA, TrainConfig, check_device, configure, make_optimizer, model_config, precision
+from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision
+from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
+from model import LLaMA, ModelConfig, UsageError, decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
+from perf import device_peak
+from train import TrainConfig, make_optimizer, model_config
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -53,9 +55,9 @@ class BenchConfig(ModelConfig):
     find_max_batch: bool = False  # GPU: double the micro-batch until out of memory
     quick: bool = False           # a small run for a smoke test
     json: str = ""                # write every figure here
-    device: str = "cuda" if CUDA else "cpu"
-    dtype: str = "bfloat16" if CUDA else "float32"
-    compile: bool = CUDA
+    device: str = DEVICE
+    dtype: str = DTYPE
+    compile: bool = COMPILE
     peak_flops: float = -1.0      # FLOP/s for MFU; -1 = datasheet (listed GPU, bf16/fp16) or measured; 0 = off
     peak_bytes: float = -1.0      # bytes/s for MBU; -1 = datasheet (listed GPU) or measured; 0 = off
 
@@ -64,16 +66,15 @@ QUICK = dict(rounds=3, train_steps=4, warmup_steps=2, decode_tokens=16, short_pr
 
 
 def parse(argv):
-    """The preset sets the shape (and --quick=True a short run); then argv overrides, as in train.py."""
-    first = configure(BenchConfig(), argv)  # a first pass only to learn the preset and --quick
-    if first.preset not in PRESETS:
-        raise UsageError(f"unknown preset '{first.preset}': choose from {', '.join(PRESETS)}")
-    cfg = BenchConfig()
-    cfg.intermediate_size = 0  # re-derived from the final width unless the preset or argv sets it
-    for k, v in {**PRESETS[first.preset], **(QUICK if first.quick else {})}.items():
-        setattr(cfg, k, v)
-    configure(cfg, argv)
-    cfg.__post_init__()  # derive and check the shape after the overrides
+    """argv as in train.py; the preset (and --quick=True, a short run) fills in what argv does not set."""
+    cfg = configure(BenchConfig(), argv)
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown preset '{cfg.preset}': choose from {', '.join(PRESETS)}")
+    preset = {"intermediate_size": 0, **PRESETS[cfg.preset], **(QUICK if cfg.quick else {})}  # 0: from the width
+    for k, v in preset.items():
+        if k not in cfg.explicit:
+            setattr(cfg, k, v)
+    cfg.__post_init__()  # derive and check the shape
     at_least = dict(rounds=1, train_steps=1, warmup_steps=0, decode_tokens=2, decode_batch=1, short_prompt=1,
                     batch_size=1)
     for key, low in at_least.items():
@@ -156,8 +157,8 @@ class Variant:
         prompt = self.tokens(batch, prompt_len)
         step = None
         if self.cfg.compile:  # compiled, CUDA graph recorded and replayed once, all before timing
-            step = compile_decode_step(self.model, batch, self.model.cache_len(prompt_len, self.cfg.decode_tokens))
-        run = lambda: self.model.generate_tokens(prompt, self.cfg.decode_tokens, temperature=0,  # noqa: E731
+            step = compile_decode_step(self.model, batch, cache_len(self.model, prompt_len, self.cfg.decode_tokens))
+        run = lambda: generate_tokens(self.model, prompt, self.cfg.decode_tokens, temperature=0,  # noqa: E731
                                                  step=step)
         for _ in zip(range(3), run()):  # untimed warm-up on the same cache (allocations, prefill shapes)
             pass
@@ -265,7 +266,7 @@ def run(cfg):
                   "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize)})
         if "train" in parts:
             tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)
-            flops = v.model.flops_per_token(cfg.block_size)
+            flops = training_flops_per_token(v.model.config, cfg.block_size)
             r.update({"train_tok_s": tok_s, "flops_per_token": flops, "baseline_flops_per_token": base_flops,
                       "mfu": flops * tok_s / peak_flops if peak_flops else None,
                       "mfu_baseline_flops": base_flops * tok_s / peak_flops if peak_flops else None})
@@ -274,7 +275,7 @@ def run(cfg):
                 # each step reads the weights and every producer's whole cache slot (the mask hides, not skips)
                 name = f"b{batch}_{context}"
                 step_bytes = decode_bytes_per_step(v.model.config, batch,
-                                                   v.model.cache_len(prompt, cfg.decode_tokens), dtype.itemsize)
+                                                   cache_len(v.model, prompt, cfg.decode_tokens), dtype.itemsize)
                 r[f"decode_bytes_per_token_{name}"] = step_bytes / batch
                 r[f"decode_gb_s_{name}"] = step_bytes / batch * r[f"decode_tok_s_{name}"] / 1e9
                 r[f"decode_mbu_{name}"] = r[f"decode_gb_s_{name}"] * 1e9 / peak_bytes if peak_bytes else None

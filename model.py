@@ -8,16 +8,13 @@ softmax(q_j k_j^T), i.e. that layer's rotated queries and keys, with its own val
 no K slot, but keeps wv and a V slot. `att_sources[i]` names the layer whose attention layer i reuses.
 
 Parts, top to bottom: config + sharing specs, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU), the
-layer-aware KV cache, the model with generation, FLOPs/MFU, checkpoints, K/V-sharing conversion and
-the Hugging Face import.
+layer-aware KV cache, what sharing saves (cache bytes, weights, FLOPs), the model, and the conversion
+between specs. Elsewhere: generation (generate.py), checkpoints and the Hugging Face import (checkpoint.py),
+the device's peaks for MFU/MBU (perf.py).
 """
-import contextlib
-import functools
-import json
 import math
-import os
-import time
-from dataclasses import dataclass, fields, replace
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -68,21 +65,6 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
-
-    @classmethod
-    def from_dict(cls, d):
-        """A config from a dict (a checkpoint's model_args): unknown keys and wrong types are errors."""
-        if not isinstance(d, dict):
-            raise UsageError(f"model config must be a dict of settings, got {type(d).__name__} {d!r:.40}")
-        types = {f.name: type(f.default) for f in fields(cls)}
-        unknown = set(d) - set(types)
-        if unknown:
-            raise UsageError(f"unknown model config key(s): {', '.join(sorted(map(str, unknown)))}")
-        for k, v in d.items():
-            if not (type(v) is types[k] or (types[k] is float and type(v) is int)):
-                raise UsageError(f"model config {k}={v!r}: expected {types[k].__name__}, got {type(v).__name__}")
-        return cls(**d)
-
 
 def resolve_sources(spec, n_layer, name="kv_share"):
     """Turn a kv_share (or att_share) spec into sources: entry i = the layer whose K/V (attention) layer i
@@ -184,17 +166,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def queries(self, x, cos, sin):
-        """The rotated queries (B, H, T, hd)."""
-        B, T, _ = x.shape
-        return apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
-
     def forward(self, x, cos, sin, mask, kv=None, qk=None, cache=None, slots=(None, None), input_pos=None):
         """kv: a producer's (k, v) for a K/V consumer; qk: a source's rotated (q, k) for an attention consumer.
         What the layer is not handed it computes, writing its keys (values) to cache slot slots[0] (slots[1]).
         Returns (output, (q, k, v)): what this layer attended with, for the layers that read it."""
         B, T, _ = x.shape
-        q, k = qk if qk is not None else (self.queries(x, cos, sin), None)             # (B, H, T, hd)
+        if qk is not None:  # the source's attention pattern: its rotated queries and keys
+            q, k = qk
+        else:
+            q, k = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin), None
         if kv is not None:
             k, v = kv
         else:
@@ -203,7 +183,9 @@ class Attention(nn.Module):
                 k = k if cache is None else cache.write(cache.k, slots[0], input_pos, k)  # (B, KVH, S, hd)
             v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
             v = v if cache is None else cache.write(cache.v, slots[1], input_pos, v)      # (B, KVH, S, hd)
-        if mask is None:  # a full pass from position 0: SDPA's own causal mask (aligned top-left) is right
+        # is_causal=True masks the top-left triangle of the (T, S) scores: right when the queries start at
+        # position 0 (T == S), wrong for T new queries at the end of a longer cache, which need the bottom rows
+        if mask is None:  # a full pass from position 0: SDPA's own causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:             # through the cache, at an offset: an explicit mask (T, S)
@@ -286,6 +268,12 @@ def cache_slots(kv_sources, att_sources):
             for i in range(len(kv_sources))]
 
 
+# ----------------------------------------------------------------------------------------------------
+# What sharing saves, side by side: cache bytes, matmul weights, FLOPs and bytes read per token. It all follows
+# from one count, how many layers compute their own q, k and v (a K/V consumer computes only q, an attention
+# consumer only v). Every layer still attends, so the attention FLOP term keeps all n_layer layers (PaLM
+# appendix B, as nanoGPT): the consumers' scores are recomputed, not stored.
+
 def projection_counts(cfg):
     """How many layers compute their own queries, keys and values: {'q': .., 'k': .., 'v': ..}."""
     kv, att = resolve_sharing(cfg)
@@ -294,287 +282,10 @@ def projection_counts(cfg):
             "v": sum(kv[i] == i for i in layers)}
 
 
-def n_producers(cfg):
-    """How many layers compute (and cache) their own K/V."""
-    return projection_counts(cfg)["v"]
-
-
 def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
     """Closed form: (K slots + V slots) x batch x positions x KV heads x head_dim x element size."""
     n = projection_counts(cfg)
     return (n["k"] + n["v"]) * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
-
-
-# ----------------------------------------------------------------------------------------------------
-# The model
-
-class LLaMA(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.kv_sources, self.att_sources = resolve_sharing(config)
-        self.producers = [i for i, s in enumerate(self.kv_sources) if s == i]  # layers that compute K/V
-        self.slots = cache_slots(self.kv_sources, self.att_sources)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, "kv" if kv != i else "att" if att != i else None)
-                                    for i, (kv, att) in enumerate(zip(self.kv_sources, self.att_sources)))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.kv_cache = None
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @staticmethod
-    def from_pretrained(path, kv_init="keep", **overrides):
-        """A local Hugging Face LLaMA directory as an LLaMA; see load_hf_llama."""
-        return load_hf_llama(path, kv_init, **overrides)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
-
-    def setup_cache(self, batch_size, max_len, dtype=None):
-        """Preallocate the static KV cache: K and V slots for the layers that compute them (see KVCache),
-        max_len positions each. Its dtype is the
-        one K/V are computed in: autocast's if autocast is on, else the weights'."""
-        if max_len > self.config.block_size:
-            raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
-        device = self.tok_embeddings.weight.device
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else self.tok_embeddings.weight.dtype
-        c = self.kv_cache
-        if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
-            return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
-        n_k, n_v = (sum(slot[j] is not None for slot in self.slots) for j in (0, 1))
-        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
-                                dtype, device)
-
-    def cache_len(self, prompt_len, max_new_tokens):
-        """Positions the cache needs to generate max_new_tokens after a prompt (at most the window)."""
-        return min(self.config.block_size, prompt_len + max_new_tokens)
-
-    def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=None):
-        """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
-        With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
-        Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the last position only, because
-        generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor).
-        Returns (logits, loss), and with hidden_at (layer indices) also the residual stream (B, T, C) after
-        each of those layers (distill_hidden compares them with a teacher's)."""
-        B, T = idx.shape
-        if input_pos is None:
-            if T > self.config.block_size:
-                raise UsageError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
-            cos, sin, mask, cache = self.rope_cos[:T], self.rope_sin[:T], None, None
-        else:
-            cache = self.kv_cache
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]                   # (T, hd/2)
-            # query at position p sees cached keys 0..p; explicit, because is_causal would align top-left
-            mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
-        x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
-        seen, hidden = [], []  # seen[j] = the (q, k, v) layer j attended with in this pass
-        for i, layer in enumerate(self.layers):
-            kv_src, att_src = self.kv_sources[i], self.att_sources[i]
-            kv = seen[kv_src][1:] if kv_src != i else None     # a K/V consumer: its producer's k, v
-            qk = seen[att_src][:2] if att_src != i else None   # an attention consumer: its source's q, k
-            x, qkv = layer(x, cos, sin, mask, kv, qk, cache, self.slots[i], input_pos)
-            seen.append(qkv)
-            if hidden_at is not None and i in hidden_at:
-                hidden.append(x)
-        if targets is None and not all_logits:
-            x = x[:, -1:]                                                                # (B, 1, C)
-        logits = self.output(self.norm(x)).float()                                       # (B, T or 1, V)
-        loss = None
-        if targets is not None:  # reshape, not view: targets may be a slice such as x[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return (logits, loss) if hidden_at is None else (logits, loss, hidden)
-
-    @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        vocab_limit=None, step=None):
-        """Yield (B, 1) new tokens: one prefill pass over the prompt, then one cached decode step each.
-        step: the function for a decode step (default: self; sample.py passes a compiled one).
-        Past block_size the window slides: the last block_size/2 tokens are re-encoded from position 0."""
-        B, T = idx.shape
-        block = self.config.block_size
-        if T > block:
-            raise UsageError(f"prompt is {T} tokens, longer than the context window block_size={block}")
-        if T == 0:
-            raise UsageError("prompt is empty: give at least one token")
-        self.setup_cache(B, self.cache_len(T, max_new_tokens))
-        step = self if step is None else step
-        context = idx
-        logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
-        # the decode position lives on the device and is advanced in place: no host-to-device copy per token,
-        # so the host never waits for a CUDA-graph replay, and a captured graph always reads the same address
-        pos = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)
-        for n in range(max_new_tokens):
-            token = sample_logits(logits, temperature, top_k, top_p, vocab_limit)  # (B, 1)
-            yield token
-            if n == max_new_tokens - 1:
-                break
-            context = torch.cat((context, token), dim=1)
-            if context.size(1) > self.kv_cache.max_len:  # window full: re-encode its second half
-                context = context[:, -(block // 2):]
-                logits = self(context, input_pos=torch.arange(context.size(1), device=idx.device))[0][:, -1]
-                pos.fill_(context.size(1) - 1)
-            else:
-                pos += 1  # = context.size(1) - 1, the new token's position
-                logits = step(token, input_pos=pos)[0][:, -1]
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
-        """idx (B, T) -> (B, T + max_new_tokens), sampled through the KV cache; temperature=0 is greedy."""
-        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, vocab_limit))
-        return torch.cat([idx] + new, dim=1)
-
-    def flops_per_token(self, seq_len=None):
-        return training_flops_per_token(self.config, seq_len or self.config.block_size)
-
-
-def inference_layout(model):
-    """On a CPU, store every Linear weight (in, out)-contiguous: the same shapes, values and state_dict,
-    only the strides change. Why: a batch-1 decode step is one matrix-vector product per weight, and MKL's
-    fp32 product over nn.Linear's (out, in) rows runs on one core (12.6 GB/s for the 32000 x 768 head on
-    the 2-core EPYC here) but streams (in, out) rows on both (20 GB/s). Decode at 12 x 768, vocab 32000
-    went from 26.5 to 32.2 tok/s eager. A GPU's GEMV needs no such help, so there it does nothing."""
-    if model.tok_embeddings.weight.device.type == "cpu":
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Linear):  # a tied head is the embedding's own Parameter: done once for both
-                    m.weight.data = m.weight.data.t().contiguous().t()
-    return model
-
-
-def compile_decode_step(model, batch_size, max_len, warmup_calls=3):
-    """torch.compile the one-token decode step and warm it up on the cache generation will use, so that
-    compiling is never timed. The step is one whole graph with static shapes (the cache is written in place
-    at input_pos); on a GPU it is replayed as a CUDA graph, which mode="reduce-overhead" records on the
-    *second* call: the three warm-up calls compile, record, then replay once. The warm-up writes cache
-    position 0, which the prefill rewrites."""
-    device = model.tok_embeddings.weight.device
-    step = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
-    model.setup_cache(batch_size, max_len)
-    token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad():  # as in generation: grad mode is part of what the compiled graph assumes
-        for _ in range(warmup_calls):
-            step(token, input_pos=pos)
-    return step
-
-
-def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
-    """(B, V) logits -> the (B, V') probabilities sample_logits draws from, in this order: padded ids
-    dropped (vocab_limit), temperature, then top-k, then top-p (nucleus) over what top-k kept."""
-    if vocab_limit is not None:
-        logits = logits[:, :vocab_limit]  # ids >= vocab_limit are padding the tokenizer cannot decode
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p: drop a token once those before it cover top_p
-        drop = probs.cumsum(-1) - probs >= top_p
-        drop[:, 0] = False  # the most likely token always stays
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(-1)
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
-    """(B, V) logits -> (B, 1) token ids. temperature 0 = greedy; vocab_limit drops padded vocab ids."""
-    if temperature == 0:
-        return logits[:, :vocab_limit].argmax(dim=-1, keepdim=True)
-    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p, vocab_limit), num_samples=1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# FLOPs, bytes and the device's limits: MFU (training, compute-bound) and MBU (decode, bandwidth-bound).
-# Count what is really executed and read: consumers have no K/V projections and no cache slot, but every
-# layer still attends, so the attention term keeps all n_layer layers (PaLM appendix B, as nanoGPT).
-
-PEAK_FLOPS = {  # dense bf16/fp16 tensor-core FLOP/s, vendor datasheets. A key matches a device name that
-    # contains each of its *-separated parts (any case); the longest matching key wins.
-    "H200*NVL": 835e12, "H200": 989e12, "H100*NVL": 835e12, "H100*PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-}
-PEAK_BYTES = {  # HBM bytes/s, vendor datasheets, matched the same way
-    "H200": 4.8e12, "H100*NVL": 3.9e12, "H100*PCIe": 2.0e12, "H100": 3.35e12, "A100*80GB": 2.04e12,
-    "A100": 1.555e12,
-}
-
-
-def datasheet_peak(table, device):
-    """(value, key) for a CUDA device named by a key of the table, else (None, None)."""
-    name = torch.cuda.get_device_name(torch.device(device)).lower()
-    keys = [k for k in table if all(part.lower() in name for part in k.split("*"))]
-    key = max(keys, key=len, default=None)
-    return (table[key], key.replace("*", " ")) if key else (None, None)
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_seconds(fn, device, repeats):
-    """Fastest of `repeats` timed calls after one untimed warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device, dtype, n=None):
-    """FLOP/s of an n x n matmul on this device in this dtype, best of a few: the peak where no datasheet
-    applies. n=2048 on a CPU (17 GFLOP a matmul, compute-bound, ~1 s in all), 8192 on a GPU."""
-    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / best_seconds(lambda: a @ b, device, repeats=5)
-
-
-@functools.lru_cache(maxsize=None)
-def measured_read_bytes(device, mib=None):
-    """Bytes/s of reading a buffer far larger than the last-level cache (x.sum()), best of a few."""
-    mib = mib or (2048 if torch.device(device).type == "cuda" else 512)
-    x = torch.ones(mib * 2 ** 20 // 4, device=device)
-    return x.nbytes / best_seconds(x.sum, device, repeats=5)
-
-
-def device_peak(kind, device, dtype=torch.float32, override=-1):
-    """(peak, label) to divide achieved FLOP/s (kind "flops") or bytes/s (kind "bytes") by. A datasheet
-    peak for a listed GPU (FLOPs in bf16/fp16 only), else a peak measured once per process on this device.
-    override: a given peak; 0 turns the figure off (None, "off"); -1 (default) decides as above."""
-    unit = "FLOP/s" if kind == "flops" else "B/s"
-    if override == 0:
-        return None, "off"
-    if override > 0:
-        return override, f"given {override / 1e9:,.0f} G{unit}"
-    if torch.device(device).type == "cuda":
-        half = dtype in (torch.bfloat16, torch.float16)
-        value, key = datasheet_peak(PEAK_FLOPS if kind == "flops" else PEAK_BYTES, device)
-        if value and (half or kind == "bytes"):
-            return value, f"{key} datasheet {str(dtype).split('.')[-1] + ' ' if kind == 'flops' else ''}peak"
-    if kind == "flops":
-        value = measured_matmul_flops(str(device), dtype)
-        return value, f"measured {value / 1e9:,.0f} G{unit} ({str(dtype).split('.')[-1]} matmul)"
-    value = measured_read_bytes(str(device))
-    return value, f"measured {value / 1e9:,.1f} GB/s (read)"
 
 
 def matmul_params(cfg):
@@ -603,85 +314,97 @@ def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, read as data only.
+# The model
 
-def save_checkpoint(path, checkpoint):
-    """Write to a temp file, fsync it, rename it over the old one, fsync the folder: a crash or power loss
-    at any point leaves either the previous checkpoint or the new one, never a partial or empty file.
-    A failed write (disk full, read-only folder) is one clear error and the previous checkpoint stays."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise UsageError(f"could not write checkpoint {path} ({reason}); "
-                         f"the previous checkpoint, if any, is intact") from None
+class LLaMA(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.kv_sources, self.att_sources = resolve_sharing(config)
+        self.slots = cache_slots(self.kv_sources, self.att_sources)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, "kv" if kv != i else "att" if att != i else None)
+                                    for i, (kv, att) in enumerate(zip(self.kv_sources, self.att_sources)))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.kv_cache = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-def load_checkpoint(path, map_location="cpu", require=()):
-    """A train.py checkpoint, read as data only (weights_only: no pickled code runs). require: the keys
-    the caller needs beyond model and model_args, e.g. the optimizer state for a resume."""
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: train one with train.py or check --out_dir")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
-        raise UsageError(f"checkpoint {path} lacks 'model' or 'model_args': not written by train.py")
-    missing = [k for k in require if k not in ckpt]
-    if missing:
-        raise UsageError(f"checkpoint {path} lacks {', '.join(map(repr, missing))}: it cannot be resumed "
-                         f"(fine-tune from it instead with init_from=ckpt:DIR)")
-    if not isinstance(ckpt["model"], dict) or not all(isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
-        raise UsageError(f"checkpoint {path}: 'model' is not a state dict of tensors")
-    return ckpt
+    @staticmethod
+    def from_pretrained(path, kv_init="keep", **overrides):
+        """A local Hugging Face LLaMA directory as an LLaMA, converted if overrides name a kv_share or
+        att_share; see checkpoint.load_hf_llama (imported here, so that model.py needs no file formats)."""
+        from checkpoint import load_hf_llama
+        return load_hf_llama(path, kv_init, **overrides)
 
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
-def load_weights(model, state, where, source_names=None):
-    """load_state_dict, with an error that names the first missing, unexpected or misshapen weight
-    (by its name in the source, if source_names maps ours to it)."""
-    show = (source_names or {}).get
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        first = (f"missing {missing[0]}" if missing else f"unexpected {show(unexpected[0], unexpected[0])}"
-                 if unexpected else f"{show(shapes[0], shapes[0])} has shape {tuple(state[shapes[0]].shape)}, "
-                 f"the config implies {tuple(expected[shapes[0]].shape)}")
-        n = len(missing) + len(unexpected) + len(shapes)
-        raise UsageError(f"{where}: weights do not match the model config: {first}"
-                         + (f" (and {n - 1} more)" if n > 1 else ""))
-    bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad:
-        raise UsageError(f"{where}: weight {show(bad, bad)} has NaN or infinite values")
-    model.load_state_dict(state)
-    return model
+    def setup_cache(self, batch_size, max_len, dtype=None):
+        """Preallocate the static KV cache: K and V slots for the layers that compute them, max_len positions
+        each, in the dtype K/V are computed in: autocast's if autocast is on, else the weights'."""
+        if max_len > self.config.block_size:
+            raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
+        device = self.tok_embeddings.weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.tok_embeddings.weight.dtype
+        c = self.kv_cache
+        if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
+            return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
+        n_k, n_v = (sum(slot[j] is not None for slot in self.slots) for j in (0, 1))
+        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+                                dtype, device)
 
-
-def model_from_checkpoint(ckpt, where="checkpoint"):
-    return load_weights(LLaMA(ModelConfig.from_dict(ckpt["model_args"])), ckpt["model"], where)
-
-
-def set_dropout(model, p):
-    """Set the dropout probability of every layer (a setting, not a weight: checkpoints carry their own)."""
-    model.config.dropout = p
-    for m in model.modules():
-        if isinstance(m, (Attention, MLP)):
-            m.dropout = p
-    return model
+    def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=None):
+        """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
+        With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
+        Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the last position only, because
+        generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor).
+        Returns (logits, loss), and with hidden_at (layer indices) also the residual stream (B, T, C) after
+        each of those layers (distill_hidden compares them with a teacher's)."""
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise UsageError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+            cos, sin, mask, cache = self.rope_cos[:T], self.rope_sin[:T], None, None
+        else:
+            cache = self.kv_cache
+            if cache is None:
+                raise UsageError("input_pos given but there is no KV cache: call model.setup_cache(batch, max_len) "
+                                 "first (generate.py's generate_tokens does)")
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]                   # (T, hd/2)
+            # query at position p sees cached keys 0..p; explicit, because is_causal would align top-left
+            mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
+        x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
+        seen, hidden = [], []  # seen[j] = the (q, k, v) layer j attended with in this pass
+        for i, layer in enumerate(self.layers):
+            kv_src, att_src = self.kv_sources[i], self.att_sources[i]
+            kv = seen[kv_src][1:] if kv_src != i else None     # a K/V consumer: its producer's k, v
+            qk = seen[att_src][:2] if att_src != i else None   # an attention consumer: its source's q, k
+            x, qkv = layer(x, cos, sin, mask, kv, qk, cache, self.slots[i], input_pos)
+            seen.append(qkv)
+            if hidden_at is not None and i in hidden_at:
+                hidden.append(x)
+        if targets is None and not all_logits:
+            x = x[:, -1:]                                                                # (B, 1, C)
+        logits = self.output(self.norm(x)).float()                                       # (B, T or 1, V)
+        loss = None
+        if targets is not None:  # reshape, not view: targets may be a slice such as x[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss) if hidden_at is None else (logits, loss, hidden)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -718,136 +441,8 @@ def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
         readers = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
         # one vote per reader for the projection it used so far, counted per owner (so that a single owner
         # is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
-        votes = {}
-        for j in readers:
-            owner = projection_owner(model, j, w)
-            votes[owner] = votes.get(owner, 0) + 1
+        votes = Counter(projection_owner(model, j, w) for j in readers)
         used = [(old[f"layers.{o}.attention.{w}.weight"], n) for o, n in votes.items()]
         state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(readers)
     new.load_state_dict(state)
     return new
-
-
-# ----------------------------------------------------------------------------------------------------
-# Importing a Hugging Face LLaMA (local directory: config.json + safetensors or pytorch_model.bin)
-
-HF_RENAMES = [("model.", ""), ("embed_tokens", "tok_embeddings"), ("lm_head", "output"),
-              ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"),
-              ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
-              ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
-              ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
-              ("mlp.down_proj", "feed_forward.w2")]
-
-
-def read_json(file, what):
-    """A JSON file, or one clear error naming it."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{file}: {what} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise UsageError(f"{file}: cannot read {what} ({e.strerror})") from None
-
-
-def hf_config(path):
-    """ModelConfig from a Hugging Face LLaMA config.json; anything this model cannot represent is an error."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise UsageError(f"{path}: no config.json (expected a local Hugging Face LLaMA directory)")
-    hf = read_json(cfg_path, "config.json")
-    if not isinstance(hf, dict):
-        raise UsageError(f"{cfg_path}: expected a JSON object of settings")
-    arch = hf.get("architectures") or [hf.get("model_type")]
-    if not isinstance(arch, list) or "LlamaForCausalLM" not in arch:
-        raise UsageError(f"{path}: architecture {arch} is not supported, only LlamaForCausalLM")
-
-    def need(key, kind=int, default=None):
-        value = hf.get(key, default)
-        if value is None:
-            raise UsageError(f"{cfg_path}: lacks {key!r}")
-        if kind is int and (type(value) is not int or value < 1):
-            raise UsageError(f"{cfg_path}: {key}={value!r}, expected a whole number >= 1")
-        if kind is float and (type(value) not in (int, float) or not value > 0):
-            raise UsageError(f"{cfg_path}: {key}={value!r}, expected a number > 0")
-        return kind(value)
-
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 5 writes rope_parameters
-    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UsageError(f"{path}: rope scaling {rope} is not supported")
-    if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
-        raise UsageError(f"{path}: biases or an activation other than silu are not supported")
-    n_head, n_embd = need("num_attention_heads"), need("hidden_size")
-    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
-        raise UsageError(f"{path}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
-    return ModelConfig(vocab_size=need("vocab_size"), block_size=need("max_position_embeddings", int, 2048),
-                       n_layer=need("num_hidden_layers"), n_head=n_head,
-                       n_kv_head=need("num_key_value_heads", int, n_head), n_embd=n_embd,
-                       intermediate_size=need("intermediate_size"),
-                       rope_theta=need("rope_theta", float, rope.get("rope_theta", 10000.0)),
-                       norm_eps=need("rms_norm_eps", float, 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings")))
-
-
-def read_weight_file(file):
-    """The tensors of one .safetensors or .bin file; a damaged file or one holding code is an error."""
-    if file.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UsageError("reading .safetensors needs the safetensors package: pip install safetensors") from None
-        try:
-            return load_file(file)
-        except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
-            raise UsageError(f"{file} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{file} was refused: not a plain file of tensors ({type(e).__name__}); a .bin that "
-                         f"holds code or other objects is never unpickled") from None
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise UsageError(f"{file} is not a state dict of tensors")
-    return state
-
-
-def hf_weights(path):
-    """All tensors of the checkpoint, from safetensors (one file or an index of shards) or pytorch_model.bin."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if os.path.isfile(os.path.join(path, index)):
-            weight_map = read_json(os.path.join(path, index), "the shard index")
-            if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
-                raise UsageError(f"{os.path.join(path, index)}: lacks a 'weight_map' object")
-            files = sorted(set(map(str, weight_map["weight_map"].values())))
-        elif os.path.isfile(os.path.join(path, single)):
-            files = [single]
-        else:
-            continue
-        tensors = {}
-        for name in files:
-            file = os.path.join(path, name)
-            if not os.path.isfile(file):
-                raise UsageError(f"{path}: the index lists {name}, which is missing")
-            tensors.update(read_weight_file(file))
-        return tensors
-    raise UsageError(f"{path}: no model.safetensors, pytorch_model.bin or an index of their shards")
-
-
-def load_hf_llama(path, kv_init="keep", **overrides):
-    """Load a local Hugging Face LLaMA (e.g. TinyLlama-1.1B). overrides: ModelConfig fields; a kv_share
-    or att_share other than 'none' converts the model with convert_sharing(kv_init) after loading."""
-    config = hf_config(path)
-    specs = {k: overrides.pop(k, "none") for k in ("kv_share", "att_share")}
-    config = ModelConfig.from_dict({**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
-    model = LLaMA(config)
-    state, hf_names = {}, {}
-    for hf_name, tensor in hf_weights(path).items():
-        if "rotary_emb" in hf_name:
-            continue  # recomputed, not learned
-        name = hf_name
-        for a, b in HF_RENAMES:
-            name = name.replace(a, b)
-        state[name], hf_names[name] = tensor, hf_name
-    if config.tie_embeddings and "tok_embeddings.weight" in state:
-        state.setdefault("output.weight", state["tok_embeddings.weight"])
-    load_weights(model, state, path, hf_names)
-    return model if specs == {"kv_share": "none", "att_share": "none"} else convert_sharing(model, **specs, kv_init=kv_init)

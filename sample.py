@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import DEVICE, DTYPE, check_device, configure, precision
 from data.common import hf_meta, tokenizer_from_meta
-from model import (LLaMA, UsageError, compile_decode_step, inference_layout, kv_cache_bytes, load_checkpoint,
-                   model_from_checkpoint)
-from train import CUDA, check_device, configure, precision
+from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
+from model import LLaMA, UsageError, kv_cache_bytes
 
 
 @dataclass
@@ -28,8 +29,8 @@ class SampleConfig:
     top_k: int = 200                 # 0 = off
     top_p: float = 1.0               # nucleus sampling; 1.0 = off
     seed: int = 1337
-    device: str = "cuda" if CUDA else "cpu"
-    dtype: str = "bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float32"
+    device: str = DEVICE
+    dtype: str = DTYPE
     compile: bool = False            # compile the decode step once (worth it for long or repeated runs)
 
 
@@ -104,7 +105,7 @@ def sample(cfg, out=None):
     step = None
     if cfg.compile:  # compile and warm up the decode step now (on a GPU: record its CUDA graph), so it is not timed
         t = time.perf_counter()
-        step = compile_decode_step(model, cfg.num_samples, model.cache_len(len(ids), cfg.max_new_tokens))
+        step = compile_decode_step(model, cfg.num_samples, cache_len(model, len(ids), cfg.max_new_tokens))
         sync()
         if out:
             out.write(f"note: compiled and warmed up the decode step in {time.perf_counter() - t:.1f} s\n")
@@ -113,7 +114,7 @@ def sample(cfg, out=None):
     if stream:
         stream.write(decode(ids))
     t0 = time.perf_counter()
-    for n, token in enumerate(model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+    for n, token in enumerate(generate_tokens(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                                                     cfg.top_p, vocab_limit=meta["vocab_size"], step=step)):
         new.append(token)
         if n == 0:
@@ -137,7 +138,7 @@ def sample(cfg, out=None):
         "kv_cache_bytes": model.kv_cache.nbytes,
         "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none", att_share="none"),
                                                   cfg.num_samples, model.kv_cache.max_len, elem),
-        "producers": len(model.producers), "k_slots": model.kv_cache.k.size(0), "n_layer": model.config.n_layer,
+        "producers": model.kv_cache.v.size(0), "k_slots": model.kv_cache.k.size(0), "n_layer": model.config.n_layer,
     }
     return texts, stats
 

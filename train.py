@@ -5,10 +5,8 @@
 
 Settings: the defaults in TrainConfig below, then a config file, then --key=value overrides.
 """
-import ast
 import contextlib
 import copy
-import difflib
 import json
 import math
 import os
@@ -24,11 +22,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (LLaMA, ModelConfig, UsageError, convert_sharing, device_peak, load_checkpoint,
-                   model_from_checkpoint, projection_owner, read_json, resolve_sharing, save_checkpoint, set_dropout)
-
-CUDA = torch.cuda.is_available()
-
+from checkpoint import load_checkpoint, model_from_checkpoint, read_json, save_checkpoint
+from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision
+from model import (LLaMA, Attention, MLP, ModelConfig, UsageError, convert_sharing, projection_owner, resolve_sharing,
+                   training_flops_per_token)
+from perf import device_peak
 
 @dataclass
 class TrainConfig:
@@ -81,70 +79,10 @@ class TrainConfig:
     lr_decay_iters: int = 2000
     min_lr: float = 1e-4
     # system: the defaults pick the GPU, bf16 and torch.compile when there is a GPU
-    device: str = "cuda" if CUDA else "cpu"
-    dtype: str = "bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float32"
-    compile: bool = CUDA
+    device: str = DEVICE
+    dtype: str = DTYPE
+    compile: bool = COMPILE
     peak_flops: float = -1.0              # FLOP/s for MFU; -1 = datasheet (listed GPU, bf16) or measured here; 0 = off
-
-
-def configure(cfg, argv):
-    """nanoGPT-style settings: `script.py [config_file.py ...] [--key=value ...]`, applied in order; a bare
-    `--flag` means `--flag=True`. Unknown keys and values of the wrong type are errors, named in one line.
-    cfg.explicit records the keys that were set, so a resume can tell a request from a default."""
-    types_of = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
-    cfg.explicit = set()
-
-    def assign(key, value, where):
-        if key not in types_of:
-            near = difflib.get_close_matches(key, types_of, n=1)
-            raise UsageError(f"unknown config key '{key}' in {where}" + (f" (did you mean '{near[0]}'?)" if near else ""))
-        want = types_of[key]
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise UsageError(f"{key}={value!r} in {where}: expected {want.__name__}, got {type(value).__name__}")
-        setattr(cfg, key, value)
-        cfg.explicit.add(key)
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                if key in types_of and types_of[key] is not bool:
-                    raise UsageError(f"argument '{arg}': expected --key=value ({key} needs a value of type "
-                                     f"{types_of[key].__name__})")
-                raw = "True"  # a bare --flag; an unknown key is reported by assign
-            try:
-                value = raw if types_of.get(key) is str else ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # not a Python literal: keep the text, the type check decides
-            assign(key, value, arg)
-        else:
-            if not os.path.isfile(arg):
-                raise UsageError(f"config file '{arg}' not found")
-            namespace = {}
-            with open(arg) as f:
-                exec(f.read(), namespace)  # config files are trusted Python, as in nanoGPT
-            for key, value in namespace.items():
-                if not key.startswith("_") and not isinstance(value, types.ModuleType):
-                    assign(key, value, arg)
-    return cfg
-
-
-def check_device(device):
-    """One clear line for a device this machine does not have."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UsageError(f"device={device!r}: expected cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device={device!r}, but this machine has no CUDA GPU that torch can use: use --device=cpu")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
-        raise UsageError(f"device={device!r}, but there are only {torch.cuda.device_count()} GPUs")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device={device!r}, but MPS (Apple GPU) is not available here: use --device=cpu")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
 
 
 def check_settings(cfg):
@@ -192,13 +130,13 @@ def distilling(cfg):
     return cfg.distill_alpha > 0 or cfg.distill_hidden > 0
 
 
-def precision(device, dtype):
-    """(torch dtype, autocast context) for a dtype name; float32 runs without autocast."""
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
-    ptdtype = getattr(torch, dtype)
-    device_type = torch.device(device).type
-    return ptdtype, (contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype))
+def set_dropout(model, p):
+    """Set the dropout probability of every layer (a setting, not a weight: checkpoints carry their own)."""
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(m, (Attention, MLP)):
+            m.dropout = p
+    return model
 
 
 def model_config(cfg, vocab_size):
@@ -444,6 +382,8 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
     not given keeps the start's sharing of that kind. A layer not yet converted keeps its sources from
     start, except that what it computes in the target it computes from the first stage on (in a model that
     already shares, a target source may be a consumer, and a converted layer must read a layer that computes)."""
+    if not (kv_target or att_target):  # nothing to convert: one stage, the model as it is
+        return [{"kv_sources": start["kv_sources"], "att_sources": start["att_sources"], "freeze": False}]
     n = len(start["kv_sources"])
     spec = lambda target, key: target or ",".join(map(str, start[key]))  # noqa: E731
     kv, att = resolve_sharing(types.SimpleNamespace(kv_share=spec(kv_target, "kv_sources"),
@@ -710,8 +650,8 @@ def train(cfg):
                 peak_flops, peak_label = device_peak("flops", cfg.device, ptdtype, cfg.peak_flops)
             frozen = any(not p.requires_grad for p in raw_model.parameters())  # FLOP count assumes full backward
             # the model FLOPs of a step: the student's forward and backward, and the teacher's forward (1/3)
-            flops = raw_model.flops_per_token(cfg.block_size) + (
-                teacher.flops_per_token(cfg.block_size) / 3 if teacher is not None else 0)
+            flops = training_flops_per_token(raw_model.config, cfg.block_size) + (
+                training_flops_per_token(teacher.config, cfg.block_size) / 3 if teacher is not None else 0)
             mfu = None if frozen or not peak_flops else flops * tokens_per_s / world / peak_flops
             parts = {"ce": iter_ce.item(), "kd": iter_kd.item()} if teacher is not None else {}
             if cfg.distill_hidden:

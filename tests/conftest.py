@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.common import char_meta, chunked, write_dataset  # noqa: E402
-from train import TrainConfig, configure, train  # noqa: E402
+from configurator import configure
+from train import TrainConfig, train
 
 TEXT = "".join(f"{w} the {v} of {n};\n" for w in ("Where is", "Give me", "Speak")
                for v in ("king", "queen", "fool", "night") for n in ("Rome", "France", "Verona")) * 60

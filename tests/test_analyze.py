@@ -136,8 +136,9 @@ def five_layers(data_dir, tmp_path_factory):
 def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_layers):
     import torch
     from analyze import get_batch, share_costs
-    from model import load_checkpoint, model_from_checkpoint
-    from train import TrainConfig, configure, load_dataset
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from configurator import configure
+    from train import TrainConfig, load_dataset
     model = model_from_checkpoint(load_checkpoint(five_layers / "ckpt.pt")).eval()
     with torch.no_grad():
         model.layers[3].attention.wo.weight.zero_()  # layer 3's attention output is 0 whatever K/V it reads
@@ -153,8 +154,10 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
     """reading() must do what a real conversion does: layer j then uses layer i's K/V or attention as is."""
     import torch
     from analyze import get_batch, mean_loss, share_costs
-    from model import convert_sharing, load_checkpoint, model_from_checkpoint
-    from train import TrainConfig, configure, load_dataset
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from model import convert_sharing
+    from configurator import configure
+    from train import TrainConfig, load_dataset
     model = model_from_checkpoint(load_checkpoint(five_layers / "ckpt.pt")).eval()
     data, _ = load_dataset(configure(TrainConfig(), [f"--data_dir={data_dir}", "--dataset=tiny", "--block_size=32"]))
     g = torch.Generator().manual_seed(0)
@@ -169,7 +172,8 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
 
 
 def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_dir, tmp_path):
-    from model import load_checkpoint, resolve_sources
+    from checkpoint import load_checkpoint
+    from model import resolve_sources
     png = tmp_path / "layers.png"
     r = subprocess.run([sys.executable, "analyze.py", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
                         "--n_producers=3", "--batches=3", "--batch_size=4", f"--plot={png}"],

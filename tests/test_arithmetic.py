@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from conftest import ROOT, run, tiny_args
-from model import load_checkpoint, sample_logits, sampling_probs
+from generate import sample_logits, sampling_probs
 from train import TrainConfig, get_lr
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import read_log, run
-from model import (LLaMA, ModelConfig, UsageError, apply_rope, convert_sharing, kv_cache_bytes, load_checkpoint,
-                   matmul_params, resolve_sharing)
+from checkpoint import load_checkpoint
+from model import (LLaMA, ModelConfig, UsageError, apply_rope, convert_sharing, kv_cache_bytes, matmul_params,
+                   resolve_sharing)
 
 MIXED = [  # (kv_share, att_share) on 5 layers: attention sharing alone, and mixed with K/V sharing
     ("none", "0,0,2,2,2"),
@@ -220,3 +221,17 @@ def test_legacy_checkpoint_stages_still_resume():
     assert [st["freeze"] for st in stages] == [True, True, False]
     assert all(st["att_sources"] == [0, 1, 2, 3] for st in stages)
     assert legacy_stages(stages, 4, freeze=False) is stages
+
+
+def test_without_a_target_there_is_one_stage_whatever_the_model_shares():
+    from train import adaptation_stages
+    start = {"kv_sources": [0, 1, 1, 3], "att_sources": [0, 1, 2, 0]}
+    assert adaptation_stages(start) == [dict(start, freeze=False)]
+
+
+def test_hidden_distillation_needs_a_teacher_of_the_same_depth(data_dir, teacher, tmp_path):
+    run(data_dir, tmp_path / "two", n_layer=2, max_iters=2)
+    with pytest.raises(UsageError, match=r"distill_hidden compares residual streams layer by layer, but the teacher "
+                                         r"ckpt:.* has \(n_layer, n_embd\) = \(4, 32\), the student \(2, 32\)"):
+        run(data_dir, tmp_path / "s", init_from=f"ckpt:{tmp_path / 'two'}", distill_hidden=0.5,
+            distill_from=f"ckpt:{teacher}", max_iters=2)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint import HF_LAYER_NAMES, HF_NAMES
 from conftest import ROOT, run, tiny_args
-from model import HF_RENAMES, LLaMA, ModelConfig
+from model import LLaMA, ModelConfig
 
 
 def hf_dir_from(model, path, **config_changes):
@@ -30,11 +31,11 @@ def hf_dir_from(model, path, **config_changes):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     state = {}
+    top, layer = {v: k for k, v in HF_NAMES.items()}, {v: k for k, v in HF_LAYER_NAMES.items()}
     for name, tensor in model.state_dict().items():
-        hf = name
-        for a, b in reversed(HF_RENAMES[1:]):
-            hf = hf.replace(b, a)
-        state[hf if hf.startswith("lm_head") else "model." + hf] = tensor.contiguous()
+        i, _, rest = name.partition(".")[2].partition(".")
+        hf = f"model.layers.{i}.{layer[rest]}" if name.startswith("layers.") else top[name]
+        state[hf] = tensor.contiguous()
     save_file(state, os.path.join(path, "model.safetensors"))
     return path
 
@@ -211,6 +212,12 @@ CASES = {
     "kv_init=median": (T(kv_init="median"), r"kv_init='median': expected 'keep' or 'mean'"),
     "init_from=weird": (T(init_from="weird"), r"init_from='weird': expected scratch, resume"),
     "target from scratch": (T(kv_share_target="echo:1"), r"kv_share_target converts a trained model"),
+    "att_share=echo:9": (T(att_share="echo:9"), r"att_share 'echo:9': N must be between 1 and n_layer-1"),
+    "att_share=bogus": (T(att_share="bogus"), r"att_share 'bogus': expected 'none', 'echo:N'"),
+    "att_share=list above": (T(att_share="0,2"), r"att_share '0,2': layer 1 reads layer 2, but a source must be in 0..1"),
+    "both kinds on a layer": (T(kv_share="echo:1", att_share="echo:1"), r"layer 1 reads layer 0's K/V and layer 0's "
+                              r"attention: a layer reads from other layers at most one kind"),
+    "att target from scratch": (T(att_share_target="echo:1"), r"att_share_target converts a trained model"),
     "peak_flops=-5": (T(peak_flops=-5.0), r"peak_flops=-5.0"),
     "unknown key": (lambda w: ["train.py", "--n_layers=3"], r"unknown config key 'n_layers'.*did you mean 'n_layer'"),
     "wrong type": (lambda w: ["train.py", "--n_layer=abc"], r"n_layer='abc' in --n_layer=abc: expected int"),
@@ -257,7 +264,10 @@ CASES = {
     "distill_alpha>1": (T(distill_alpha=1.5, init_from="ckpt:x"), r"distill_alpha=1.5: expected 0 <= distill_alpha <= 1"),
     "distill_alpha<0": (T(distill_alpha=-0.1), r"distill_alpha=-0.1: expected 0 <= distill_alpha <= 1"),
     "distill temperature 0": (T(distill_temperature=0.0), r"distill_temperature=0.0: expected a number > 0"),
-    "distill from scratch": (T(distill_alpha=0.5), r"distill_alpha > 0 needs a teacher: a run from scratch has none"),
+    "distill from scratch": (T(distill_alpha=0.5), r"distill_alpha or distill_hidden > 0 needs a teacher: a run from scratch"),
+    "hidden from scratch": (T(distill_hidden=0.5), r"distill_alpha or distill_hidden > 0 needs a teacher: a run from scratch"),
+    "distill_hidden>1": (T(distill_hidden=2.0), r"distill_hidden=2.0: expected 0 <= distill_hidden <= 1"),
+    "distill weights>1": (T(distill_alpha=0.6, distill_hidden=0.6), r"distill_alpha \+ distill_hidden = 1.2: the two weights"),
     "distill_from weird": (T(distill_alpha=0.5, distill_from="teacher"), r"distill_from='teacher': expected"),
     "teacher missing": (lambda w: ["train.py", *tiny_args(w["data"], os.path.join(w["root"], "t-m"),
                                                           init_from=f"ckpt:{w['good']}", distill_alpha=0.5,
@@ -327,6 +337,8 @@ CASES = {
     "bench rounds=0": (B("--quick", "--rounds=0"), r"rounds=0: must be at least 1"),
     "bench device=cuda": (B("--quick", "--device=cuda"), r"no CUDA GPU"),
     "bench parts": (B("--quick", "--parts=everything", "--rounds=1"), r"parts='everything'"),
+    "bench att variant": (B("--quick", "--variants=none;att=bogus", "--rounds=1"), r"att_share 'bogus': expected"),
+    "bench variant kind": (B("--quick", "--variants=none;q=echo:1", "--rounds=1"), r"variant 'q=echo:1': expected a kv_share"),
     "bench n_layer=0": (B("--quick", "--n_layer=0"), r"n_layer=0: must be at least 1"),
     "bench bare non-bool": (B("--rounds"), r"rounds needs a value of type int"),
 }

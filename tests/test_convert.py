@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from conftest import ROOT, TEXT, kv_stages, read_log, run
-from model import LLaMA, UsageError, convert_sharing, load_checkpoint
+from model import LLaMA, UsageError, convert_sharing
 from sample import SampleConfig, sample
 
 transformers = pytest.importorskip("transformers")  # test-only: builds the reference model

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import LLaMA, ModelConfig, compile_decode_step
+from generate import cache_len, compile_decode_step, generate, generate_tokens
+from model import LLaMA, ModelConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,9 +37,9 @@ def test_compiled_decode_equals_eager():
     with torch.no_grad():
         model.output.weight.mul_(8)
     idx = torch.randint(0, 256, (2, 7), device="cuda")
-    eager = model.generate(idx, 40, temperature=0)
-    step = compile_decode_step(model, 2, model.cache_len(7, 40))
-    compiled = torch.cat([idx] + list(model.generate_tokens(idx, 40, temperature=0, step=step)), 1)
+    eager = generate(model, idx, 40, temperature=0)
+    step = compile_decode_step(model, 2, cache_len(model, 7, 40))
+    compiled = torch.cat([idx] + list(generate_tokens(model, idx, 40, temperature=0, step=step)), 1)
     assert (compiled == eager).float().mean() > 0.95  # bf16: an exact tie may rarely flip
 
 

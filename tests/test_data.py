@@ -30,7 +30,7 @@ def gpt2_available():
     try:
         tokenizer_from_meta({"tokenizer": "gpt2"})
         return True
-    except Exception:
+    except (Exception, SystemExit):  # no network and no TIKTOKEN_CACHE_DIR: data/common.py exits with one line
         return False
 
 

@@ -6,9 +6,11 @@ import shutil
 import pytest
 import torch
 
+from checkpoint import config_from_dict, load_checkpoint
+from configurator import configure
 from conftest import read_log, run
-from model import LLaMA, ModelConfig, UsageError, load_checkpoint
-from train import TrainConfig, configure, distill_loss, initial_model, load_dataset
+from model import LLaMA, UsageError
+from train import TrainConfig, distill_loss, initial_model, load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_staged_frozen_accumulated_distillation_trains_only_the_student(data_dir
         assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     # the last stage trains the whole student: Adam holds state for exactly its parameters, none of the teacher's
-    student = LLaMA(ModelConfig.from_dict(ckpt["model_args"]))
+    student = LLaMA(config_from_dict(ckpt["model_args"]))
     assert ckpt["stage"] == 3 and len(ckpt["optimizer"]["state"]) == len(list(student.parameters()))
     assert ckpt["teacher_from"] == f"ckpt:{teacher_dir}"
     evals = [r for r in read_log(tmp_path) if "val_loss" in r]

@@ -9,9 +9,10 @@ from dataclasses import fields
 import pytest
 
 from bench import BenchConfig
+from configurator import configure
 from conftest import ROOT
 from sample import SampleConfig
-from train import TrainConfig, configure
+from train import TrainConfig
 
 SETTINGS = {"train.py": {f.name for f in fields(TrainConfig)}, "sample.py": {f.name for f in fields(SampleConfig)},
             "bench.py": {f.name for f in fields(BenchConfig)},

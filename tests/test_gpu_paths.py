@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
 from bench import variant_sharing
+from checkpoint import load_checkpoint
 from conftest import read_log, run
-from model import LLaMA, ModelConfig, compile_decode_step, datasheet_peak, device_peak, load_checkpoint
+from generate import compile_decode_step, generate, generate_tokens
+from model import LLaMA, ModelConfig
+import perf
+from perf import datasheet_peak, device_peak
 from test_model import naive_greedy
 
 
@@ -82,7 +85,7 @@ def test_decode_position_stays_on_the_device_and_advances_in_place():
         return model(token, input_pos=input_pos)
 
     # 5 prompt tokens + 15 new ones: the window (16) slides once; the position tensor is reset in place
-    out = list(model.generate_tokens(torch.zeros(1, 5, dtype=torch.long), 15, temperature=0, step=step))
+    out = list(generate_tokens(model, torch.zeros(1, 5, dtype=torch.long), 15, temperature=0, step=step))
     assert len(out) == 15
     assert len({ptr for ptr, _, _ in seen}) == 1                      # one tensor, the same address each step
     assert all(device == torch.device("cpu") for _, device, _ in seen)
@@ -100,7 +103,7 @@ def test_generation_under_autocast_on_an_fp32_model(spec):
         model.output.weight.mul_(20)  # sharp logits: bf16 rounding must not flip an argmax
     idx = torch.randint(0, 97, (2, 5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(idx, max_new_tokens=12, temperature=0)
+        out = generate(model, idx, max_new_tokens=12, temperature=0)
         assert model.kv_cache.k.dtype == torch.bfloat16  # the cache takes autocast's dtype
         with torch.no_grad():
             expect = naive_greedy(model, idx, 12)
@@ -127,10 +130,10 @@ def test_compiled_decode_step_is_warmed_up_before_use(monkeypatch):
     ("NVIDIA GeForce RTX 4090", None, None)])
 def test_datasheet_peaks_match_the_right_device(monkeypatch, name, flops, hbm):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(model_module, "measured_matmul_flops", lambda device, dtype: 123e12)
-    monkeypatch.setattr(model_module, "measured_read_bytes", lambda device: 1.5e12)
-    assert datasheet_peak(model_module.PEAK_FLOPS, "cuda")[0] == flops
-    assert datasheet_peak(model_module.PEAK_BYTES, "cuda")[0] == hbm
+    monkeypatch.setattr(perf, "measured_matmul_flops", lambda device, dtype: 123e12)
+    monkeypatch.setattr(perf, "measured_read_bytes", lambda device: 1.5e12)
+    assert datasheet_peak(perf.PEAK_FLOPS, "cuda")[0] == flops
+    assert datasheet_peak(perf.PEAK_BYTES, "cuda")[0] == hbm
     value, label = device_peak("flops", "cuda", torch.bfloat16)
     assert value == (flops or 123e12) and ("datasheet bfloat16 peak" in label) == (flops is not None)
     # fp32 has no tensor-core datasheet entry: measured, whatever the GPU

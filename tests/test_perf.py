@@ -8,7 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import variant_sharing
-from model import LLaMA, ModelConfig, compile_decode_step, matmul_params, training_flops_per_token
+from generate import cache_len, compile_decode_step, generate_tokens
+from model import LLaMA, ModelConfig, matmul_params, training_flops_per_token
 
 SHAPES = [  # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
     (6, 6, True), (6, 2, False), (6, 3, True), (6, 1, False)]
@@ -81,20 +82,20 @@ def test_repeated_generation_never_recompiles(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(real, backend="eager"))  # guards matter, not codegen
     model = build("echo:2", 6, 2, True).eval()
     torch._dynamo.reset()
-    step = compile_decode_step(model, 2, model.cache_len(5, 12))
+    step = compile_decode_step(model, 2, cache_len(model, 5, 12))
     runs = []
     with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile after the warm-up raises
         for seed in range(3):
             prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(seed))
-            runs.append(torch.cat(list(model.generate_tokens(prompt, 12, temperature=0, step=step)), 1))
-            eager = torch.cat(list(model.generate_tokens(prompt, 12, temperature=0)), 1)
+            runs.append(torch.cat(list(generate_tokens(model, prompt, 12, temperature=0, step=step)), 1))
+            eager = torch.cat(list(generate_tokens(model, prompt, 12, temperature=0)), 1)
             assert torch.equal(runs[-1], eager)
     assert not torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_inference_layout_changes_strides_only(tied):
-    from model import inference_layout
+    from generate import inference_layout
     model = build("echo:2", 6, 2, tied).eval()
     idx = torch.randint(0, 83, (2, 9))
     before = model(idx, all_logits=True)[0]

@@ -11,9 +11,10 @@ import tempfile
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import kv_stages, read_log, run
 from data.common import tokenizer_from_meta
-from model import LLaMA, ModelConfig, UsageError, load_checkpoint, resolve_sources, save_checkpoint
+from model import LLaMA, ModelConfig, UsageError, resolve_sources
 
 
 @contextlib.contextmanager
@@ -112,7 +113,8 @@ def test_finetuning_applies_its_own_dropout(data_dir, pretrained, tmp_path):
 def test_finetuning_without_kv_share_keeps_the_models_sharing(data_dir, tmp_path):
     run(data_dir, tmp_path / "echo", n_layer=4, kv_share="echo:2", max_iters=2)
     from conftest import tiny_args
-    from train import TrainConfig, configure, train
+    from configurator import configure
+    from train import TrainConfig, train
     train(configure(TrainConfig(), tiny_args(data_dir, tmp_path / "ft", init_from=f"ckpt:{tmp_path / 'echo'}",
                                              max_iters=2)))  # no --kv_share: the default 'none' must not undo the sharing
     assert load_checkpoint(tmp_path / "ft" / "ckpt.pt")["model_args"]["kv_share"] == "echo:2"

@@ -7,9 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, run
 from data.common import tokenizer_from_meta
-from model import UsageError, kv_cache_bytes, load_checkpoint, model_from_checkpoint, sample_logits
+from generate import sample_logits
+from model import UsageError, kv_cache_bytes
 from sample import SampleConfig, sample
 from test_model import naive_greedy
 

@@ -5,10 +5,12 @@ import sys
 import pytest
 import torch
 
-import model as model_module
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure
 from conftest import ROOT, read_log, run, tiny_args
-from model import UsageError, load_checkpoint, save_checkpoint
-from train import TrainConfig, configure
+import model as model_module
+from model import UsageError
+from train import TrainConfig
 
 @pytest.mark.parametrize("kv_share", ["none", "echo:1", "cla:2", "0,0,2,2"])
 def test_short_run_loss_falls_and_checkpoint_has_no_consumer_kv(data_dir, tmp_path, kv_share):
