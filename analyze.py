@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import check_device
+from configurator import check_device, run_main
 from model import UsageError, convert_sharing
 from train import get_batch, load_dataset, load_pretrained, same_tokens
 
@@ -401,7 +401,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    run_main(main, sys.argv[1:])

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision
+from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from model import LLaMA, ModelConfig, UsageError, decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
 from perf import device_peak
@@ -344,9 +344,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UsageError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
+    run_main(main, sys.argv[1:])

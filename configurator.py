@@ -5,6 +5,7 @@ import ast
 import contextlib
 import difflib
 import os
+import sys
 import types
 from dataclasses import fields
 
@@ -85,3 +86,13 @@ def precision(device, dtype):
     ptdtype = getattr(torch, dtype)
     device_type = torch.device(device).type
     return ptdtype, (contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype))
+
+
+def run_main(main, *args):
+    """Run a script's main: bad input ends in one line naming the problem and exit code 1, never a traceback."""
+    try:
+        return main(*args)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be written, a full disk
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import DEVICE, DTYPE, check_device, configure, precision
+from configurator import DEVICE, DTYPE, check_device, configure, precision, run_main
 from data.common import hf_meta, tokenizer_from_meta
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from model import LLaMA, UsageError, kv_cache_bytes
@@ -162,9 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UsageError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
+    run_main(main, sys.argv[1:])

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, read_json, save_checkpoint
-from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision
+from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
 from model import (LLaMA, Attention, MLP, ModelConfig, UsageError, convert_sharing, projection_owner, resolve_sharing,
                    training_flops_per_token)
 from perf import device_peak
@@ -682,9 +682,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        train(configure(TrainConfig(), sys.argv[1:]))
-    except UsageError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a folder that cannot be written, a full disk
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
+    run_main(lambda argv: train(configure(TrainConfig(), argv)), sys.argv[1:])

@@ -33,6 +33,14 @@ def tiny_args(data_dir, out_dir, **kw):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+@pytest.fixture(scope="session")
+def pretrained(data_dir, tmp_path_factory):
+    """A 4-layer model trained 20 iterations on the tiny data: the model conversion tests start from."""
+    out = tmp_path_factory.mktemp("pretrained")
+    run(data_dir, out, n_layer=4, max_iters=20, lr_decay_iters=20)
+    return str(out)
+
+
 def run(data_dir, out_dir, **kw):
     return train(configure(TrainConfig(), tiny_args(data_dir, out_dir, **kw)))
 

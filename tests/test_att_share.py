@@ -141,15 +141,8 @@ def test_converting_keeps_everything_but_the_dropped_projections():
     assert resolve_sharing(att.config) == ([0, 1, 2, 3, 4], [0, 0, 2, 2, 2])
 
 
-@pytest.fixture(scope="module")
-def teacher(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    run(data_dir, out, n_layer=4, max_iters=20, lr_decay_iters=20)
-    return str(out)
-
-
-def test_one_shot_conversion_with_distillation_and_hidden_states(data_dir, teacher, tmp_path):
-    run(data_dir, tmp_path, init_from=f"ckpt:{teacher}", att_share="echo:2", max_iters=6, log_interval=1,
+def test_one_shot_conversion_with_distillation_and_hidden_states(data_dir, pretrained, tmp_path):
+    run(data_dir, tmp_path, init_from=f"ckpt:{pretrained}", att_share="echo:2", max_iters=6, log_interval=1,
         distill_alpha=0.25, distill_hidden=0.25)
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["model_args"]["att_share"] == "echo:2" and ckpt["model_args"]["kv_share"] == "none"
@@ -161,7 +154,7 @@ def test_one_shot_conversion_with_distillation_and_hidden_states(data_dir, teach
         assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.25 * r["kd"] + 0.25 * r["hidden"], rel=1e-5)
 
 
-def test_hidden_term_compares_the_residual_stream_after_each_shared_block(data_dir, teacher):
+def test_hidden_term_compares_the_residual_stream_after_each_shared_block():
     from train import block_outputs, hidden_loss
     student = convert_sharing(model_of("none", "none", n_layer=6), att_share="0,0,2,2,2,5")
     assert block_outputs(student) == (1, 4)
@@ -183,8 +176,8 @@ def test_hidden_term_compares_the_residual_stream_after_each_shared_block(data_d
     assert hidden_loss([], []) == 0
 
 
-def test_layer_wise_conversion_resumes_mid_schedule_exactly(data_dir, teacher, tmp_path):
-    conv = dict(init_from=f"ckpt:{teacher}", att_share_target="0,0,0,0", adapt_iters=3, max_iters=12,
+def test_layer_wise_conversion_resumes_mid_schedule_exactly(data_dir, pretrained, tmp_path):
+    conv = dict(init_from=f"ckpt:{pretrained}", att_share_target="0,0,0,0", adapt_iters=3, max_iters=12,
                 lr_decay_iters=12, eval_interval=2, distill_alpha=0.5)
     run(data_dir, tmp_path / "full", **conv)
     run(data_dir, tmp_path / "half", **dict(conv, max_iters=4))       # stops inside stage 1
@@ -198,7 +191,7 @@ def test_layer_wise_conversion_resumes_mid_schedule_exactly(data_dir, teacher, t
     assert evals[1] == (2, [0, 1, 2, 0]) and evals[-1] == (12, [0, 0, 0, 0])
 
 
-def test_frozen_stages_train_the_converted_layers_and_what_they_read(data_dir, teacher, tmp_path):
+def test_frozen_stages_train_the_converted_layers_and_what_they_read():
     from train import adaptation_stages, enter_stage
     model = model_of("none", "none", n_layer=4)
     stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources},
@@ -229,9 +222,9 @@ def test_without_a_target_there_is_one_stage_whatever_the_model_shares():
     assert adaptation_stages(start) == [dict(start, freeze=False)]
 
 
-def test_hidden_distillation_needs_a_teacher_of_the_same_depth(data_dir, teacher, tmp_path):
+def test_hidden_distillation_needs_a_teacher_of_the_same_depth(data_dir, pretrained, tmp_path):
     run(data_dir, tmp_path / "two", n_layer=2, max_iters=2)
     with pytest.raises(UsageError, match=r"distill_hidden compares residual streams layer by layer, but the teacher "
                                          r"ckpt:.* has \(n_layer, n_embd\) = \(4, 32\), the student \(2, 32\)"):
         run(data_dir, tmp_path / "s", init_from=f"ckpt:{tmp_path / 'two'}", distill_hidden=0.5,
-            distill_from=f"ckpt:{teacher}", max_iters=2)
+            distill_from=f"ckpt:{pretrained}", max_iters=2)

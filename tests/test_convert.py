@@ -152,13 +152,6 @@ def test_adaptation_stages_convert_top_down():
     assert kv_stages(list(range(4)), "cla:2") == [[0, 1, 2, 2], [0, 0, 2, 2]]
 
 
-@pytest.fixture(scope="module")
-def pretrained(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrained")
-    run(data_dir, out, n_layer=4, max_iters=20, lr_decay_iters=20)
-    return str(out)
-
-
 def test_adaptation_freezes_the_unconverted_layers(data_dir, pretrained, tmp_path):
     # stage 0 of echo:3 on 4 layers: only layer 3 reads layer 0; train 4 iterations, frozen
     run(data_dir, tmp_path, n_layer=4, init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=4,
