@@ -120,6 +120,13 @@ def resolve_sharing(cfg):
     return kv, att
 
 
+def computed_projections(kv_sources, att_sources):
+    """Per layer, which of q, k, v it computes itself (the rest it reads): a K/V consumer computes only q, an
+    attention consumer only v, any other layer all three. The one place where these rules are written."""
+    return [{"q": att == i, "k": kv == i and att == i, "v": kv == i}
+            for i, (kv, att) in enumerate(zip(kv_sources, att_sources))]
+
+
 # ----------------------------------------------------------------------------------------------------
 # LLaMA pieces
 
@@ -149,19 +156,18 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Grouped-query causal attention. `reads` says what the layer takes from a lower layer, and so which
-    projections it has: None (its own q, k, v), "kv" (a K/V consumer: only wq) or "att" (an attention
-    consumer: only wv). Every layer has wo."""
+    """Grouped-query causal attention. `computes` ({"q", "k", "v"} -> bool, see computed_projections) says
+    which projections the layer has; what it does not compute it is handed by the model. Every layer has wo."""
 
-    def __init__(self, cfg, reads=None):
+    def __init__(self, cfg, computes):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         kv_dim = cfg.n_kv_head * cfg.head_dim
-        if reads != "att":
+        if computes["q"]:
             self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        if reads is None:
+        if computes["k"]:
             self.wk = nn.Linear(cfg.n_embd, kv_dim, bias=False)
-        if reads != "kv":
+        if computes["v"]:
             self.wv = nn.Linear(cfg.n_embd, kv_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
@@ -222,10 +228,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, reads=None):
+    def __init__(self, cfg, computes):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attention = Attention(cfg, reads)
+        self.attention = Attention(cfg, computes)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
@@ -259,13 +265,11 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
-def cache_slots(kv_sources, att_sources):
-    """(k_slot, v_slot) per layer, None where the layer computes no keys (values). A layer computes V unless
-    it reads another layer's K/V, and K also unless it reuses another layer's attention."""
-    k_layers = [i for i in range(len(kv_sources)) if kv_sources[i] == i and att_sources[i] == i]
-    v_layers = [i for i in range(len(kv_sources)) if kv_sources[i] == i]
-    return [(k_layers.index(i) if i in k_layers else None, v_layers.index(i) if i in v_layers else None)
-            for i in range(len(kv_sources))]
+def cache_slots(computes):
+    """(k_slot, v_slot) per layer: where it caches the keys (values) it computes, None where it computes none."""
+    k_layers, v_layers = ([i for i, c in enumerate(computes) if c[p]] for p in ("k", "v"))
+    return [(k_layers.index(i) if c["k"] else None, v_layers.index(i) if c["v"] else None)
+            for i, c in enumerate(computes)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,10 +280,8 @@ def cache_slots(kv_sources, att_sources):
 
 def projection_counts(cfg):
     """How many layers compute their own queries, keys and values: {'q': .., 'k': .., 'v': ..}."""
-    kv, att = resolve_sharing(cfg)
-    layers = range(cfg.n_layer)
-    return {"q": sum(att[i] == i for i in layers), "k": sum(kv[i] == i and att[i] == i for i in layers),
-            "v": sum(kv[i] == i for i in layers)}
+    computes = computed_projections(*resolve_sharing(cfg))
+    return {p: sum(c[p] for c in computes) for p in ("q", "k", "v")}
 
 
 def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
@@ -321,10 +323,10 @@ class LLaMA(nn.Module):
         super().__init__()
         self.config = config
         self.kv_sources, self.att_sources = resolve_sharing(config)
-        self.slots = cache_slots(self.kv_sources, self.att_sources)
+        computes = computed_projections(self.kv_sources, self.att_sources)
+        self.slots = cache_slots(computes)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, "kv" if kv != i else "att" if att != i else None)
-                                    for i, (kv, att) in enumerate(zip(self.kv_sources, self.att_sources)))
+        self.layers = nn.ModuleList(Block(config, c) for c in computes)
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -364,8 +366,8 @@ class LLaMA(nn.Module):
         c = self.kv_cache
         if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
-        n_k, n_v = (sum(slot[j] is not None for slot in self.slots) for j in (0, 1))
-        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+        n = projection_counts(self.config)
+        self.kv_cache = KVCache(n["k"], n["v"], batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                 dtype, device)
 
     def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=None):

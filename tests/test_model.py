@@ -5,7 +5,7 @@ import torch
 
 from checkpoint import config_from_dict
 from generate import generate
-from model import LLaMA, ModelConfig, kv_cache_bytes, resolve_sources, training_flops_per_token
+from model import LLaMA, ModelConfig, UsageError, kv_cache_bytes, resolve_sources, training_flops_per_token
 
 SPECS = ["none", "echo:3", "cla:2", "0,0,2,2,2,5"]
 
@@ -160,3 +160,8 @@ def test_sequence_longer_than_block_is_rejected():
         tiny()(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="longer than the context window"):
         generate(tiny(), torch.zeros(1, 33, dtype=torch.long), 1)
+
+
+def test_decoding_before_setup_cache_is_one_clear_error():
+    with pytest.raises(UsageError, match=r"input_pos given but there is no KV cache: call model.setup_cache"):
+        tiny()(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
