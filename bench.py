@@ -89,7 +89,8 @@ def variant_specs(cfg):
     if cfg.variants:
         return [v.strip() for v in cfg.variants.split(";")]
     L = cfg.n_layer
-    return list(dict.fromkeys(["none", f"echo:{max(1, L // 4)}", f"echo:{L // 2}", "cla:2", f"att=echo:{max(1, L // 4)}"]))
+    quarter = max(1, L // 4)
+    return list(dict.fromkeys(["none", f"echo:{quarter}", f"echo:{L // 2}", "cla:2", f"att=echo:{quarter}"]))
 
 
 def variant_sharing(variant):

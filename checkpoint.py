@@ -224,4 +224,5 @@ def load_hf_llama(path, kv_init="keep", **overrides):
     if config.tie_embeddings and "tok_embeddings.weight" in state:
         state.setdefault("output.weight", state["tok_embeddings.weight"])
     load_weights(model, state, path, hf_names)
-    return model if specs == {"kv_share": "none", "att_share": "none"} else convert_sharing(model, **specs, kv_init=kv_init)
+    shares = specs != {"kv_share": "none", "att_share": "none"}
+    return convert_sharing(model, **specs, kv_init=kv_init) if shares else model

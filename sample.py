@@ -146,7 +146,8 @@ def sample(cfg, out=None):
 def summary(s):
     return (f"{s['samples'] * s['new_tokens']} tokens ({s['samples']} x {s['new_tokens']}) | prefill "
             f"{s['prefill_tokens_per_s']:,.0f} tok/s | decode {s['decode_tokens_per_s']:,.1f} tok/s | KV cache "
-            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['k_slots']} K and {s['producers']} V slots for {s['n_layer']} layers; "
+            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['k_slots']} K and {s['producers']} V slots for "
+            f"{s['n_layer']} layers; "
             f"without sharing {s['kv_cache_bytes_unshared'] / 2**20:.2f} MiB)")
 
 

@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, read_json, save_checkpoint
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
-from model import (LLaMA, Attention, MLP, ModelConfig, UsageError, convert_sharing, projection_owner, resolve_sharing,
-                   training_flops_per_token)
+from model import (MLP, Attention, LLaMA, ModelConfig, UsageError, convert_sharing, projection_owner,
+                   resolve_sharing, training_flops_per_token)
 from perf import device_peak
+
 
 @dataclass
 class TrainConfig:
@@ -319,7 +320,8 @@ def initial_model(cfg, meta):
         if distilling(cfg) and teacher_from == cfg.init_from:
             teacher = copy.deepcopy(model)  # the model as loaded, before the conversion below
         # one-shot conversion, if asked for (a spec not given keeps the sharing the model has)
-        specs = {k: getattr(cfg, k) if k in cfg.explicit else getattr(model.config, k) for k in ("kv_share", "att_share")}
+        specs = {k: getattr(cfg, k) if k in cfg.explicit else getattr(model.config, k)
+                 for k in ("kv_share", "att_share")}
         if not (cfg.kv_share_target or cfg.att_share_target):
             wanted = resolve_sharing(types.SimpleNamespace(**specs, n_layer=model.config.n_layer))
             if (model.kv_sources, model.att_sources) != wanted:
@@ -513,7 +515,6 @@ def train(cfg):
     # saved before the model entered it (the switch happens just after the eval), so it says the old one
     stage = ckpt.get("stage", stage_at(iter_num)) if ckpt else stage_at(iter_num)
     raw_model, model, eval_model, optimizer = setup(model, stage)
-    hidden_at = block_outputs(raw_model) if cfg.distill_hidden else ()  # layers distill_hidden compares
     if teacher is not None:  # in the run's dtype under its autocast, compiled when the student is
         teacher = teacher.to(cfg.device)
         teacher_fn = torch.compile(teacher) if cfg.compile else teacher
@@ -596,7 +597,6 @@ def train(cfg):
         if stage_at(iter_num) != stage:  # next adaptation stage: convert more layers, fresh optimizer
             stage = stage_at(iter_num)
             raw_model, model, eval_model, optimizer = setup(raw_model, stage)
-            hidden_at = block_outputs(raw_model) if cfg.distill_hidden else ()
             if master:
                 say(f"stage {stage}: kv_sources={raw_model.kv_sources}, att_sources={raw_model.att_sources}"
                     + (" (full fine-tuning)" if stage == final else ""))
@@ -617,6 +617,7 @@ def train(cfg):
                 if teacher is None:
                     logits, loss = model(x, y)
                 else:
+                    hidden_at = block_outputs(raw_model) if cfg.distill_hidden else ()  # the layers compared
                     logits, ce, hidden = model(x, y, hidden_at=hidden_at)
                     with torch.no_grad():
                         teacher_logits, _, teacher_hidden = teacher_fn(x, all_logits=True, hidden_at=hidden_at)
@@ -655,7 +656,7 @@ def train(cfg):
             mfu = None if frozen or not peak_flops else flops * tokens_per_s / world / peak_flops
             parts = {"ce": iter_ce.item(), "kd": iter_kd.item()} if teacher is not None else {}
             if cfg.distill_hidden:
-                parts["hidden"] = float(iter_hidden)
+                parts["hidden"] = iter_hidden.item()
             if bar:
                 bar.set_postfix_str(f"loss {lossf:.4f}, {tokens_per_s:,.0f} tok/s"
                                     + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))
