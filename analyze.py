@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import IMPORTS, load_checkpoint, model_from_checkpoint
 from configurator import check_device, run_main
 from model import UsageError, convert_sharing
 from train import get_batch, load_dataset, load_pretrained, same_tokens
@@ -293,9 +293,10 @@ def plot_layers(kv_cost, att_cost, kv_sim, att_sim, file, title):
 def layers_main(args):
     check_device(args.device)
     if bool(args.out_dir) == bool(args.init_from):
-        raise UsageError("give one of --out_dir=DIR (a train.py checkpoint) or --init_from=hf:PATH")
-    if args.init_from and not args.init_from.startswith("hf:"):
-        raise UsageError(f"--init_from={args.init_from}: expected hf:PATH (for a train.py checkpoint use --out_dir)")
+        raise UsageError("give one of --out_dir=DIR (a train.py checkpoint) or --init_from=hf:DIR or gguf:FILE")
+    if args.init_from and not args.init_from.startswith(IMPORTS):
+        raise UsageError(f"--init_from={args.init_from}: expected hf:DIR or gguf:FILE (for a train.py checkpoint "
+                         f"use --out_dir)")
     if args.batches < 1 or args.batch_size < 1:
         raise UsageError("--batches and --batch_size must be at least 1")
     if args.out_dir:
@@ -309,7 +310,7 @@ def layers_main(args):
                               block_size=args.block_size or config.get("block_size", 0))
     else:
         if not args.dataset:
-            raise UsageError("--init_from=hf:PATH needs --dataset=NAME, a dataset prepared with its tokenizer")
+            raise UsageError("--init_from needs --dataset=NAME, a dataset prepared with its tokenizer")
         cfg = SimpleNamespace(data_dir=args.data_dir or "data", dataset=args.dataset, block_size=args.block_size or 512)
     if cfg.block_size < 1:
         raise UsageError("--block_size must be at least 1")
@@ -384,7 +385,7 @@ def main(argv):
     runs.add_argument("--plot", default="", help="write the curves to this PNG")
     layers = modes.add_parser("layers", help="which layers can read another layer's K/V or attention most cheaply")
     layers.add_argument("--out_dir", default="", help="a train.py out_dir (its ckpt.pt and dataset)")
-    layers.add_argument("--init_from", default="", help="hf:PATH, a local Hugging Face LLaMA")
+    layers.add_argument("--init_from", default="", help="hf:DIR (a Hugging Face LLaMA) or gguf:FILE")
     layers.add_argument("--dataset", default="", help="the dataset to evaluate on (default: the checkpoint's)")
     layers.add_argument("--data_dir", default="", help="where datasets live (default: the checkpoint's, else data)")
     layers.add_argument("--n_producers", type=int, required=True,

@@ -346,10 +346,11 @@ class LLaMA(nn.Module):
 
     @staticmethod
     def from_pretrained(path, kv_init="keep", **overrides):
-        """A local Hugging Face LLaMA directory as an LLaMA, converted if overrides name a kv_share or
-        att_share; see checkpoint.load_hf_llama (imported here, so that model.py needs no file formats)."""
-        from checkpoint import load_hf_llama
-        return load_hf_llama(path, kv_init, **overrides)
+        """A local Hugging Face LLaMA directory, or a GGUF file (a .gguf, or a folder holding one), as an LLaMA,
+        converted if overrides name a kv_share or att_share; see checkpoint.load_hf_llama and load_gguf_llama
+        (imported here, so that model.py needs no file formats)."""
+        from checkpoint import is_gguf, load_gguf_llama, load_hf_llama
+        return (load_gguf_llama if is_gguf(path) else load_hf_llama)(path, kv_init, **overrides)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once

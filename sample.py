@@ -11,17 +11,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import IMPORTS, import_meta, import_pretrained, load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, DTYPE, check_device, configure, precision, run_main
-from data.common import hf_meta, tokenizer_from_meta
+from data.common import tokenizer_from_meta
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
-from model import LLaMA, UsageError, kv_cache_bytes
+from model import UsageError, kv_cache_bytes
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"             # the checkpoint is {out_dir}/ckpt.pt ...
-    init_from: str = "resume"        # ... or 'hf:PATH': an imported Hugging Face LLaMA and its tokenizer.json
+    init_from: str = "resume"        # ... or 'hf:DIR' / 'gguf:FILE': an imported LLaMA and its tokenizer
     start: str = "\n"                # the prompt, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -36,15 +36,15 @@ class SampleConfig:
 
 def load_model(cfg):
     """Model (eval mode, on cfg.device in cfg.dtype), its data meta, and (encode, decode)."""
-    if cfg.init_from.startswith("hf:"):
-        model, meta = LLaMA.from_pretrained(cfg.init_from[3:]), hf_meta(cfg.init_from[3:])
+    if cfg.init_from.startswith(IMPORTS):
+        model, meta = import_pretrained(cfg.init_from), import_meta(cfg.init_from)
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", map_location="cpu")
         if not isinstance(ckpt.get("meta"), dict):
             raise UsageError(f"checkpoint in {cfg.out_dir} has no data meta: cannot rebuild its tokenizer")
         model, meta = model_from_checkpoint(ckpt, f"{cfg.out_dir}/ckpt.pt"), ckpt["meta"]
     else:
-        raise UsageError(f"init_from={cfg.init_from!r}: expected resume or hf:PATH")
+        raise UsageError(f"init_from={cfg.init_from!r}: expected resume, hf:DIR or gguf:FILE")
     inference_layout(model.eval().to(device=cfg.device, dtype=precision(cfg.device, cfg.dtype)[0]))
     try:
         return model, meta, tokenizer_from_meta(meta)

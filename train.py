@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, read_json, save_checkpoint
+from checkpoint import IMPORTS, import_pretrained, load_checkpoint, model_from_checkpoint, read_json, save_checkpoint
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
 from model import (MLP, Attention, LLaMA, ModelConfig, UsageError, convert_sharing, projection_owner,
                    resolve_sharing, training_flops_per_token)
@@ -37,7 +37,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     always_save_checkpoint: bool = True   # save at every eval, not only when val loss improves
-    init_from: str = "scratch"            # 'scratch', 'resume' (out_dir/ckpt.pt), 'ckpt:DIR' or 'hf:PATH' (fine-tune)
+    init_from: str = "scratch"            # 'scratch', 'resume' (out_dir/ckpt.pt), 'ckpt:DIR', 'hf:DIR', 'gguf:FILE'
     seed: int = 1337
     # data: {data_dir}/{dataset}/train.bin, val.bin, meta.json from data/*/prepare.py
     dataset: str = "shakespeare_char"
@@ -67,7 +67,7 @@ class TrainConfig:
     distill_alpha: float = 0.0            # a; 0 = off
     distill_hidden: float = 0.0           # h: EchoAtt's term, MSE of the residual streams after each shared block
     distill_temperature: float = 1.0      # T: both distributions are softened by it
-    distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:DIR, hf:PATH
+    distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:, hf:, gguf:
     # AdamW, linear warmup then cosine decay to min_lr
     learning_rate: float = 1e-3
     max_iters: int = 2000
@@ -105,11 +105,11 @@ def check_settings(cfg):
         raise UsageError(f"peak_flops={cfg.peak_flops}: expected FLOP/s > 0, 0 (no MFU) or -1 (automatic)")
     if cfg.kv_init not in ("keep", "mean"):
         raise UsageError(f"kv_init={cfg.kv_init!r}: expected 'keep' or 'mean'")
-    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", "hf:"))):
-        raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR or hf:PATH")
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", *IMPORTS))):
+        raise UsageError(f"init_from={cfg.init_from!r}: expected scratch, resume, ckpt:DIR, hf:DIR or gguf:FILE")
     for key in ("kv_share_target", "att_share_target"):
         if getattr(cfg, key) and cfg.init_from == "scratch":
-            raise UsageError(f"{key} converts a trained model: use it with init_from=ckpt:DIR or hf:PATH")
+            raise UsageError(f"{key} converts a trained model: use it with init_from=ckpt:DIR, hf:DIR or gguf:FILE")
     for key in ("distill_alpha", "distill_hidden"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UsageError(f"{key}={getattr(cfg, key)}: expected 0 <= {key} <= 1 (0 = off)")
@@ -118,11 +118,12 @@ def check_settings(cfg):
                          f"weights and the cross-entropy's (1 - both) must not exceed 1")
     if not (cfg.distill_temperature > 0 and math.isfinite(cfg.distill_temperature)):
         raise UsageError(f"distill_temperature={cfg.distill_temperature}: expected a number > 0")
-    if cfg.distill_from and not cfg.distill_from.startswith(("ckpt:", "hf:")):
-        raise UsageError(f"distill_from={cfg.distill_from!r}: expected '' (the model as loaded), ckpt:DIR or hf:PATH")
+    if cfg.distill_from and not cfg.distill_from.startswith(("ckpt:", *IMPORTS)):
+        raise UsageError(f"distill_from={cfg.distill_from!r}: expected '' (the model as loaded), ckpt:DIR, hf:DIR "
+                         f"or gguf:FILE")
     if distilling(cfg) and cfg.init_from == "scratch" and not cfg.distill_from:
         raise UsageError("distill_alpha or distill_hidden > 0 needs a teacher: a run from scratch has none, so "
-                         "give distill_from=ckpt:DIR or hf:PATH")
+                         "give distill_from=ckpt:DIR, hf:DIR or gguf:FILE")
     check_device(cfg.device)
     precision(cfg.device, cfg.dtype)
 
@@ -285,14 +286,14 @@ def resume_checkpoint(cfg, meta):
 
 
 def load_pretrained(source, cfg, meta):
-    """The model that ckpt:DIR or hf:PATH names, checked to read the dataset's tokens."""
+    """The model that ckpt:DIR, hf:DIR or gguf:FILE names, checked to read the dataset's tokens."""
     if source.startswith("ckpt:"):
         path = os.path.join(source[5:], "ckpt.pt")
         ckpt = load_checkpoint(path, require=("meta",))
         if not isinstance(ckpt["meta"], dict) or not same_tokens(ckpt["meta"], meta):
             raise UsageError(f"{source} was trained on other tokens than dataset '{cfg.dataset}'")
         return model_from_checkpoint(ckpt, path)
-    model = LLaMA.from_pretrained(source[3:])
+    model = import_pretrained(source)
     if meta["tokenizer"] != "hf" or meta["vocab_size"] > model.config.vocab_size:
         raise UsageError(f"dataset '{cfg.dataset}' is not tokenized for {source}: prepare it with --tokenizer={source}")
     return model

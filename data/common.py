@@ -77,12 +77,20 @@ def hf_meta(path):
 
 
 def bpe_meta(name):
-    """--tokenizer: 'gpt2' (tiktoken) or 'hf:PATH' (the tokenizer.json of an imported model)."""
+    """--tokenizer: 'gpt2' (tiktoken), 'hf:DIR' (the tokenizer.json of an imported model) or 'gguf:FILE' (the
+    tokenizer inside a GGUF file)."""
     if name == "gpt2":
         return gpt2_meta()
     if name.startswith("hf:"):
         return hf_meta(name[3:])
-    raise SystemExit(f"error: --tokenizer {name!r}: expected gpt2 or hf:PATH")
+    if name.startswith("gguf:"):
+        from checkpoint import gguf_meta  # the GGUF reader lives with the model import
+        from model import UsageError
+        try:
+            return gguf_meta(name[5:])
+        except UsageError as e:
+            raise SystemExit(f"error: {e}") from None
+    raise SystemExit(f"error: --tokenizer {name!r}: expected gpt2, hf:DIR or gguf:FILE")
 
 
 def tokenizer_from_meta(meta):
@@ -198,7 +206,7 @@ def parse_args(argv, default_out_dir, bpe=False):
     p.add_argument("--input", help="local copy of the source, for offline machines")
     p.add_argument("--out_dir", default=default_out_dir, help="where train.bin, val.bin, meta.json go")
     if bpe:
-        p.add_argument("--tokenizer", default="gpt2", help="gpt2, or hf:PATH for an imported model's tokenizer.json")
+        p.add_argument("--tokenizer", default="gpt2", help="gpt2, hf:DIR (an imported model's tokenizer.json) or gguf:FILE")
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise SystemExit(f"error: --out_dir {args.out_dir} exists and is not a folder")

@@ -2,7 +2,8 @@
 
     python data/shakespeare/prepare.py                 # the text shipped in data/ (tiktoken's GPT-2 files download once)
     python data/shakespeare/prepare.py --input PATH    # offline: a local input.txt; set TIKTOKEN_CACHE_DIR too
-    python data/shakespeare/prepare.py --tokenizer=hf:PATH   # an imported model's tokenizer.json instead
+    python data/shakespeare/prepare.py --tokenizer=hf:DIR    # an imported model's tokenizer.json instead
+    python data/shakespeare/prepare.py --tokenizer=gguf:FILE # the tokenizer inside a GGUF file (e.g. SmolLM2)
 """
 import os
 import sys

@@ -3,7 +3,7 @@ size for a single-GPU run. Stories end with <|endoftext|>, which becomes GPT-2's
 
     python data/tinystories/prepare.py                # downloads both files (about 2.2 GB)
     python data/tinystories/prepare.py --input DIR    # offline: DIR holds the two .txt files named below
-    python data/tinystories/prepare.py --tokenizer=hf:PATH   # an imported model's tokenizer (e.g. TinyLlama)
+    python data/tinystories/prepare.py --tokenizer=hf:DIR    # an imported model's tokenizer (e.g. TinyLlama), or gguf:FILE
 """
 import os
 import sys
