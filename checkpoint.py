@@ -229,13 +229,13 @@ def import_meta(source):
 def load_hf_llama(path, kv_init="keep", **overrides):
     """Load a local Hugging Face LLaMA (e.g. TinyLlama-1.1B). overrides: ModelConfig fields; a kv_share
     or att_share other than 'none' converts the model with convert_sharing(kv_init) after loading."""
-    state, hf_names = {}, {}
+    config, state, hf_names = hf_config(path), {}, {}
     for hf_name, tensor in hf_weights(path).items():
         if "rotary_emb" in hf_name:
             continue  # recomputed, not learned
         name = our_name(hf_name)
         state[name], hf_names[name] = tensor, hf_name
-    return pretrained_model(hf_config(path), state, hf_names, path, kv_init, overrides)
+    return pretrained_model(config, state, hf_names, path, kv_init, overrides)
 
 
 def pretrained_model(config, state, source_names, where, kv_init, overrides):
@@ -314,8 +314,8 @@ def gguf_value(reader, key, kind, default=None):
         if default is None:
             raise UsageError(f"{reader.data.filename}: lacks the metadata {key!r}")
         return default
-    if kind is float and type(value) is int:
-        value = float(value)
+    if kind is float and type(value) in (int, float):  # stored as float32: its shortest decimal, 1e-05 not 9.99e-06
+        value = float(str(np.float32(value)))
     if type(value) is not kind or (kind in (int, float) and not value > 0):
         raise UsageError(f"{reader.data.filename}: metadata {key}={str(value)[:60]!r}, expected "
                          f"{'a positive ' if kind in (int, float) else ''}{kind.__name__}")

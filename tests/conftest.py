@@ -3,13 +3,15 @@ import os
 import sys
 
 import pytest
+import torch
 
 # tests import the top-level scripts (model.py, train.py, ...) as modules
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.common import char_meta, chunked, write_dataset  # noqa: E402
-from configurator import configure
+from checkpoint import GGUF_LAYER_NAMES  # noqa: E402
+from configurator import configure  # noqa: E402
 from train import TrainConfig, train
 
 TEXT = "".join(f"{w} the {v} of {n};\n" for w in ("Where is", "Give me", "Speak")
@@ -57,3 +59,89 @@ def kv_stages(start, target):
     assert stages[-1] == dict(stages[-2], freeze=False) and all(st["att_sources"] == list(range(len(start)))
                                                                for st in stages)
     return [st["kv_sources"] for st in stages[:-1]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF files written in the tests, as llama.cpp's converter writes them
+
+GGUF_NAMES_BACK = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                   "output.weight": "output.weight"}
+
+
+def llama_cpp_permute(w, n_heads):
+    """What llama.cpp's converter does to attn_q / attn_k rows: within each head, the two halves that
+    Hugging Face's RoPE pairs (j, j + hd/2) become adjacent rows (2j, 2j + 1). w: (n_heads * hd, in)."""
+    out, cols = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def bpe_tokenizer(vocab_size=300, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), texts=(TEXT,)):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the test text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def write_gguf(path, model, qtype="F32", tokenizer=None, arch="llama", tokenizer_model="gpt2", pre="default",
+               add_bos=None, drop=(), encode=None):
+    """Write one of our models as a GGUF file: llama.* metadata, Q/K rows permuted as llama.cpp does,
+    2-D weights in `qtype` (norms stay F32, as llama.cpp keeps them), the tokenizer as tokenizer.ggml.*.
+    drop: metadata keys to leave out; encode(array, type): the tensor's bytes (default: gguf's quantize).
+    Returns the state dict as the file holds it, dequantized (for the default encode)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+    encode = encode or quantize
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {"block_count": (w.add_block_count, c.n_layer), "context_length": (w.add_context_length, c.block_size),
+            "embedding_length": (w.add_embedding_length, c.n_embd),
+            "feed_forward_length": (w.add_feed_forward_length, c.intermediate_size),
+            "head_count": (w.add_head_count, c.n_head), "head_count_kv": (w.add_head_count_kv, c.n_kv_head),
+            "rope_freq_base": (w.add_rope_freq_base, c.rope_theta),
+            "layer_norm_rms_eps": (w.add_layer_norm_rms_eps, c.norm_eps), "vocab_size": (w.add_vocab_size, c.vocab_size)}
+    for key, (add, value) in meta.items():
+        if key not in drop:
+            add(value)
+    if tokenizer is not None:
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        merges = [m if isinstance(m, str) else " ".join(m)
+                  for m in json.loads(tokenizer.to_str())["model"]["merges"]]
+        w.add_tokenizer_model(tokenizer_model)
+        w.add_tokenizer_pre(pre)
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokenizer.token_to_id("<|endoftext|>"))
+        w.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
+    held = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and c.tie_embeddings:
+            continue  # a tied head is not stored: the reader ties it back
+        if name.startswith("layers."):
+            i, rest = name.split(".", 2)[1:]
+            gname = f"blk.{i}." + {v: k for k, v in GGUF_LAYER_NAMES.items()}[rest]
+        else:
+            gname = GGUF_NAMES_BACK[name]
+        a = t.float().numpy()
+        kind = getattr(gguf.GGMLQuantizationType, qtype if a.ndim == 2 else "F32")
+        # quantization works on blocks within a row, so permuting rows commutes with it: the values the file
+        # holds are those of the unpermuted weight, quantized
+        if encode is quantize or a.ndim < 2:
+            held[name] = torch.from_numpy(dequantize(quantize(a, kind), kind).reshape(a.shape).copy())
+        if gname.endswith(("attn_q.weight", "attn_k.weight")):
+            a = llama_cpp_permute(a, c.n_head if "attn_q" in gname else c.n_kv_head)
+        w.add_tensor(gname, encode(a, kind) if a.ndim == 2 else quantize(a, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if c.tie_embeddings and "tok_embeddings.weight" in held:
+        held["output.weight"] = held["tok_embeddings.weight"]
+    return held

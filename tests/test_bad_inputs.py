@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from checkpoint import HF_LAYER_NAMES, HF_NAMES
-from conftest import ROOT, run, tiny_args
+from conftest import ROOT, bpe_tokenizer, run, tiny_args, write_gguf
 from model import LLaMA, ModelConfig
 
 
@@ -148,6 +148,30 @@ def build_world(root, data_dir):
         torch.save({"model.embed_tokens.weight": Pickled(w["marker"])}, os.path.join(d, "pytorch_model.bin"))
     hf_variant("hf_evil_bin", evil_bin)
 
+    # GGUF files: a good one (with its tokenizer), and each way one can be wrong
+    tok = bpe_tokenizer()
+    gguf_model = LLaMA(ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+
+    def gguf_variant(name, **kw):
+        os.makedirs(root / name)
+        write_gguf(root / name / "m.gguf", gguf_model, tokenizer=tok, **kw)
+        w[name] = str(root / name / "m.gguf")
+
+    gguf_variant("gguf_good")
+    gguf_variant("gguf_arch", arch="gpt2")
+    gguf_variant("gguf_spm", tokenizer_model="llama")
+    gguf_variant("gguf_pre", pre="qwen2")
+    gguf_variant("gguf_no_heads", drop=("head_count",))
+    gguf_variant("gguf_i32", qtype="I32", encode=lambda a, kind: a.astype(np.int32))
+    gguf_variant("gguf_truncated")
+    (root / "gguf_truncated" / "m.gguf").write_bytes((root / "gguf_truncated" / "m.gguf").read_bytes()[:5000])
+    os.makedirs(root / "gguf_not")
+    write(root / "gguf_not", "m.gguf", "not a GGUF file at all\n" * 10)
+    w["gguf_not"] = str(root / "gguf_not" / "m.gguf")
+    gguf_variant("gguf_two")
+    shutil.copy(root / "gguf_two" / "m.gguf", root / "gguf_two" / "n.gguf")
+    w["gguf_two"] = str(root / "gguf_two")
+
     # files for prepare.py and prompts
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
     (root / "one_char.txt").write_text("a")
@@ -176,6 +200,10 @@ def S(*args, ckpt="good"):
 
 def S_hf(name):
     return lambda w: ["sample.py", f"--init_from=hf:{w[name]}", "--device=cpu", "--max_new_tokens=4"]
+
+
+def S_gguf(name):
+    return lambda w: ["sample.py", f"--init_from=gguf:{w[name]}", "--device=cpu", "--max_new_tokens=4"]
 
 
 def P(*args, script="shakespeare_char"):
@@ -306,7 +334,7 @@ CASES = {
     "sample corrupt": (S(ckpt="corrupt"), r"corrupt or not a checkpoint"),
     "sample malicious pickle": (S(ckpt="evil_ckpt"), r"corrupt or not a checkpoint"),
     "sample missing": (lambda w: ["sample.py", "--out_dir=/no/such/dir"], r"no checkpoint at /no/such/dir/ckpt.pt"),
-    "sample init_from": (S("--init_from=scratch"), r"init_from='scratch': expected resume or hf:PATH"),
+    "sample init_from": (S("--init_from=scratch"), r"init_from='scratch': expected resume, hf:DIR or gguf:FILE"),
     # --- Hugging Face directories
     "hf missing dir": (lambda w: ["sample.py", "--init_from=hf:/no/such/model"], r"no config.json"),
     "hf config not JSON": (S_hf("hf_cfg_not_json"), r"config.json is not valid JSON"),
@@ -323,13 +351,30 @@ CASES = {
     "hf train, other tokens": (lambda w: ["train.py", *tiny_args(w["data"], os.path.join(w["root"], "o-hf"),
                                                                  init_from=f"hf:{w['hf_good']}")],
                                r"is not tokenized for hf:"),
+    # --- GGUF files
+    "gguf missing": (lambda w: ["sample.py", "--init_from=gguf:/no/such.gguf"], r"/no/such.gguf: no such GGUF file"),
+    "gguf not GGUF": (S_gguf("gguf_not"), r"m.gguf is truncated or not a GGUF file"),
+    "gguf truncated": (S_gguf("gguf_truncated"), r"m.gguf is truncated or not a GGUF file"),
+    "gguf other architecture": (S_gguf("gguf_arch"), r"architecture 'gpt2' is not supported, only 'llama'"),
+    "gguf missing metadata": (S_gguf("gguf_no_heads"), r"lacks the metadata 'llama.attention.head_count'"),
+    "gguf tensor type": (S_gguf("gguf_i32"), r"tensor token_embd.weight has type I32, which the gguf package cannot"),
+    "gguf sentencepiece": (S_gguf("gguf_spm"), r"tokenizer model 'llama' is not supported, only 'gpt2'"),
+    "gguf pre-tokenizer": (S_gguf("gguf_pre"), r"pre-tokenizer 'qwen2' is not supported"),
+    "gguf two in folder": (S_gguf("gguf_two"), r"expected one .gguf file in the folder, found 2 \(m.gguf, n.gguf\)"),
+    "gguf train, other tokens": (lambda w: ["train.py", *tiny_args(w["data"], os.path.join(w["root"], "o-gguf"),
+                                                                   init_from=f"gguf:{w['gguf_good']}")],
+                                 r"is not tokenized for gguf:"),
+    "gguf analyze, no dataset": (lambda w: ["analyze.py", "layers", f"--init_from=gguf:{w['gguf_good']}",
+                                            "--n_producers=1"], r"--init_from needs --dataset=NAME"),
+    "gguf prepare, bad file": (P("--tokenizer=gguf:{gguf_arch}", "--out_dir={root}/p6", script="shakespeare"),
+                               r"architecture 'gpt2' is not supported"),
     # --- prepare.py
     "prepare not UTF-8": (P("--input={latin1}", "--out_dir={root}/p1"), r"is not UTF-8 text"),
     "prepare out_dir is a file": (P("--out_dir={a_file}"), r"--out_dir .* exists and is not a folder"),
     "prepare input missing": (P("--input=/no/such.txt", "--out_dir={root}/p2"), r"--input /no/such.txt: no such file"),
     "prepare one character": (P("--input={one_char}", "--out_dir={root}/p3"), r"the train split has 0 tokens"),
     "prepare bad tokenizer": (P("--tokenizer=sentencepiece", "--out_dir={root}/p4", script="shakespeare"),
-                              r"--tokenizer 'sentencepiece': expected gpt2 or hf:PATH"),
+                              r"--tokenizer 'sentencepiece': expected gpt2, hf:DIR or gguf:FILE"),
     "prepare hf tokenizer bad": (P("--tokenizer=hf:{hf_tok_not_json}", "--out_dir={root}/p5", script="shakespeare"),
                                  r"is not a valid tokenizer.json"),
     # --- bench.py
