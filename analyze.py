@@ -21,10 +21,13 @@ import json
 import math
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from checkpoint import IMPORTS, load_checkpoint, model_from_checkpoint
 from configurator import check_device, run_main
@@ -189,18 +192,48 @@ def layer_similarities(model, batches):
     return kv_sim, att_sim
 
 
+@torch.no_grad()
+def plain_pass(model, idx):
+    """One pass of the unchanged model: the residual stream entering each layer, and the (q, k, v) each layer
+    attended with (what a layer above may read)."""
+    rope = model.rope_cos[:idx.size(1)], model.rope_sin[:idx.size(1)]
+    x, inputs, seen = model.tok_embeddings(idx), [], []
+    for i in range(len(model.layers)):
+        inputs.append(x)
+        x = model.layer_step(i, x, seen, *rope)
+    return inputs, seen
+
+
+@torch.no_grad()
+def loss_from(model, j, x, seen, targets):
+    """The loss of a pass that starts at layer j with residual stream x, the layers below j having attended
+    with seen: nothing below the layer that changes needs to run again."""
+    rope = model.rope_cos[:x.size(1)], model.rope_sin[:x.size(1)]
+    seen = list(seen)
+    for i in range(j, len(model.layers)):
+        x = model.layer_step(i, x, seen, *rope)
+    logits = model.output(model.norm(x)).float()                                  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)).item()
+
+
 def share_costs(model, batches, kind="kv"):
     """(L, L) matrix: cost[i, j] (i < j) is the rise in loss when layer j reads layer i's K/V (kind "kv") or
-    attention ("att") instead of computing its own, nothing else changed, no training. The diagonal and
-    below are 0. Also returns the base loss."""
+    attention ("att") instead of computing its own, nothing else changed, no training. The diagonal and below
+    are 0. Also returns the base loss. A pair (i, j) changes nothing below layer j, so one plain pass per
+    batch records what enters each layer, and each pair runs only layers j and up: at 30 layers a pair costs
+    about half a whole pass (a third of the layers; the LM head runs every time)."""
     L = len(model.layers)
+    states = [(plain_pass(model, x), y) for x, y in batches]
     base = mean_loss(model, batches)
+    pairs = list(itertools.combinations(range(L), 2))
     cost = np.zeros((L, L))
-    for i, j in itertools.combinations(range(L), 2):
+    bar = tqdm(pairs, unit="pair", desc=f"{kind} pair costs", leave=False) if sys.stderr.isatty() else pairs
+    for i, j in bar:
         sources = list(range(L))
         sources[j] = i
         with reading(model, sources, kind):
-            cost[i, j] = mean_loss(model, batches) - base
+            loss = sum(loss_from(model, j, inputs[j], seen[:j], y) for (inputs, seen), y in states) / len(states)
+        cost[i, j] = loss - base
     return cost, base
 
 
@@ -214,14 +247,15 @@ def summed_cost(cost, sources):
     return sum(cost[s, i] for i, s in enumerate(sources) if s != i)
 
 
-def choose_sources(cost, n_producers, exact_up_to=24):
+def choose_sources(cost, n_producers, exact_up_to=3_000_000):
     """kv_sources with n_producers producers (layer 0 among them) minimising the summed pairwise cost.
-    Exact for up to `exact_up_to` layers: every producer set is tried (vectorised over sets); beyond that,
-    greedy: add, one at a time, the producer that lowers the summed cost most. Returns (sources, exact)."""
+    Exact when there are at most `exact_up_to` producer sets (C(L-1, n_producers-1); 30 layers with 23
+    producers: 1.6M, a few seconds): every set is tried, vectorised over sets. Beyond that, greedy: add, one
+    at a time, the producer that lowers the summed cost most. Returns (sources, exact)."""
     L = len(cost)
     if not 1 <= n_producers <= L:
         raise UsageError(f"n_producers={n_producers}: expected 1 to n_layer={L}")
-    if L > exact_up_to:
+    if math.comb(L - 1, n_producers - 1) > exact_up_to:
         producers = {0}
         while len(producers) < n_producers:
             best = min(set(range(L)) - producers, key=lambda p: summed_cost(cost, sources_for(cost, producers | {p})))
@@ -272,19 +306,24 @@ def plot_layers(kv_cost, att_cost, kv_sim, att_sim, file, title):
     L = len(kv_cost)
     fig, axes = plt.subplots(2, 2, figsize=(10, 8.5))
     upper = np.triu(np.ones((L, L), dtype=bool), 1)
+    ticks = range(0, L, 1 if L <= 12 else 5)
     for ax, m, name, cmap in zip(axes.flat, (kv_cost, att_cost, kv_sim, att_sim),
                                  ("cost: loss rise when j reads i's K/V", "cost: loss rise when j reuses i's attention",
                                   "K/V similarity (cosine)", "attention-map similarity (cosine, EchoAtt's Fig. 2)"),
                                  ("magma_r", "magma_r", "viridis", "viridis")):
         shown = np.ma.masked_where(~upper, m)
-        im = ax.imshow(shown, cmap=cmap)
+        # a few very costly pairs (a layer reading layer 0, say) would wash out the rest: costs are coloured up
+        # to their 95th percentile, the few above it in the darkest colour
+        top = np.percentile(m[upper], 95) if "cost" in name and L > 12 else None
+        im = ax.imshow(shown, cmap=cmap, vmax=top)
         for i, j in zip(*np.nonzero(upper)) if L <= 12 else ():
             r, g, b, _ = im.cmap(im.norm(m[i, j]))
             ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                     color="k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w")  # readable on its cell
-        ax.set(title=name, xlabel="reader j", ylabel="source i", xticks=range(L), yticks=range(L))
+        ax.set(title=name + (" (colour capped at the 95th pct.)" if top is not None else ""), xlabel="reader j",
+               ylabel="source i", xticks=ticks, yticks=ticks)
         ax.title.set_fontsize(9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046, extend="max" if top is not None else "neither")
     fig.suptitle(title, fontsize=10)
     save_figure(fig, file, dpi=80)
     plt.close(fig)
@@ -297,8 +336,8 @@ def layers_main(args):
     if args.init_from and not args.init_from.startswith(IMPORTS):
         raise UsageError(f"--init_from={args.init_from}: expected hf:DIR or gguf:FILE (for a train.py checkpoint "
                          f"use --out_dir)")
-    if args.batches < 1 or args.batch_size < 1:
-        raise UsageError("--batches and --batch_size must be at least 1")
+    if min(args.batches, args.heldout_batches, args.batch_size) < 1:
+        raise UsageError("--batches, --heldout_batches and --batch_size must be at least 1")
     if args.out_dir:
         path = os.path.join(args.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path, require=("meta",))
@@ -329,10 +368,18 @@ def layers_main(args):
         raise UsageError(f"--n_producers={args.n_producers}: expected 1 to n_layer={L}")
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     model = model.to(args.device).eval()
+    # the specs are chosen on batches from the first half of the val split and judged on batches from the
+    # second half: a margin measured on the batches it was chosen on would partly be selection on noise
+    half = len(data["val"]) // 2
+    if half <= cfg.block_size:
+        raise UsageError(f"the val split has {len(data['val'])} tokens: each half needs more than block_size = "
+                         f"{cfg.block_size} (one half chooses the specs, the other judges them); lower --block_size")
     g = torch.Generator().manual_seed(args.seed)
-    batches = [tuple(t.to(args.device) for t in get_batch(data["val"], args.batch_size, cfg.block_size, g))
-               for _ in range(args.batches)]
+    batches, heldout = ([tuple(t.to(args.device) for t in get_batch(part, args.batch_size, cfg.block_size, g))
+                         for _ in range(count)]
+                        for part, count in ((data["val"][:half], args.batches), (data["val"][half:], args.heldout_batches)))
 
+    t0 = time.time()
     cost, base = share_costs(model, batches, "kv")
     att_cost, _ = share_costs(model, batches, "att")
     kv_sim, att_sim = layer_similarities(model, batches[:args.similarity_batches])
@@ -340,12 +387,13 @@ def layers_main(args):
     sources, exact = choose_sources(cost, n)
     att_sources, _ = choose_sources(att_cost, n)
     name = args.out_dir or args.init_from
-    print(f"{name}: {L} layers, val loss {base:.4f} over {args.batches} batches of {args.batch_size} x {cfg.block_size}")
+    print(f"{name}: {L} layers, val loss {base:.4f} over {args.batches} batches of {args.batch_size} x {cfg.block_size} "
+          f"(first half of val); {2 * len(cost) * (len(cost) - 1) // 2} pair costs in {time.time() - t0:.0f} s")
     print(matrix_table("cost: rise in val loss when layer j reads layer i's K/V", cost, ".3f"))
     print(matrix_table("cost: rise in val loss when layer j reuses layer i's attention (q and k)", att_cost, ".3f"))
     print(matrix_table("K/V similarity: mean cosine of K and V vectors per head and position", kv_sim, ".2f"))
     print(matrix_table("attention similarity: mean cosine of the causal attention maps per head", att_sim, ".2f"))
-    print(f"chosen ({'exact: every source set tried' if exact else 'greedy: more than 24 layers'}), {n} of {L} "
+    print(f"chosen ({'exact: every source set tried' if exact else 'greedy: too many source sets to try'}), {n} of {L} "
           f"layers computing their own: kv_sources={sources}, summed pairwise cost {summed_cost(cost, sources):.4f}; "
           f"att_sources={att_sources}, summed pairwise cost {summed_cost(att_cost, att_sources):.4f}")
     # pairwise costs do not add up: measure each whole spec, converted one-shot with the sources' own weights
@@ -359,14 +407,17 @@ def layers_main(args):
     candidates.append(("attention, by similarity", "none", ",".join(map(str, by_similarity))))
     if n < L:
         candidates.append((f"attention, echo:{L - n}", "none", f"echo:{L - n}"))
-    print(f"one-shot val loss with {L - n} layers sharing (no training; the unconverted model: {base:.4f}):")
+    heldout_base = mean_loss(model, heldout)
+    print(f"one-shot val loss with {L - n} layers sharing, no training, on {len(heldout)} held-out batches (second half "
+          f"of val, not used to choose; the unconverted model: {heldout_base:.4f}):")
     for label, kv_share, att_share in candidates:
         converted = convert_sharing(model, kv_share, att_share).eval()
         which = converted.kv_sources if kv_share != "none" else converted.att_sources
         print(f"  {label:32} {'kv' if kv_share != 'none' else 'att'}_sources={which}  "
-              f"val loss {mean_loss(converted, batches):.4f}")
+              f"val loss {mean_loss(converted, heldout):.4f}")
     if args.plot:
-        plot_layers(cost, att_cost, kv_sim, att_sim, args.plot, f"{name}: which layers can share K/V or attention")
+        short = name if len(name) <= 40 else f"{name.partition(':')[0]}:{os.path.basename(name.rstrip('/'))}"
+        plot_layers(cost, att_cost, kv_sim, att_sim, args.plot, f"{short}: which layers can share K/V or attention")
         print(f"wrote {args.plot}")
     print(f"kv_share={','.join(map(str, sources))}")
     print(f"att_share={','.join(map(str, att_sources))}")
@@ -390,7 +441,9 @@ def main(argv):
     layers.add_argument("--data_dir", default="", help="where datasets live (default: the checkpoint's, else data)")
     layers.add_argument("--n_producers", type=int, required=True,
                         help="how many layers keep their own K/V (for attention sharing: their own attention)")
-    layers.add_argument("--batches", type=int, default=20, help="val batches for the costs")
+    layers.add_argument("--batches", type=int, default=20, help="val batches for the costs (first half of val)")
+    layers.add_argument("--heldout_batches", type=int, default=20,
+                        help="val batches (second half) on which the chosen and fixed specs are judged")
     layers.add_argument("--similarity_batches", type=int, default=4, help="of those, for the similarities")
     layers.add_argument("--batch_size", type=int, default=8)
     layers.add_argument("--block_size", type=int, default=0, help="context (default: the run's)")

@@ -36,6 +36,8 @@ PRESETS = {  # model shape and micro-batch
                        batch_size=16),
     "tinyllama": dict(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
                       intermediate_size=5632, tie_embeddings=False, batch_size=4),
+    "smollm2": dict(vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                    intermediate_size=1536, rope_theta=100000.0, batch_size=4),  # SmolLM2-135M's shape
 }
 
 
@@ -50,7 +52,9 @@ class BenchConfig(ModelConfig):
     decode_tokens: int = 64
     decode_batch: int = 8         # the "larger batch" for decode
     short_prompt: int = 32        # short context; the long one fills the window
-    parts: str = "train,inference"  # which measurements to run
+    parts: str = "train,inference"  # which measurements to run: train, inference, context
+    contexts: str = "256,512,1024,2048,4096"  # parts=context: decode speed with this many positions cached
+    plot: str = ""                # parts=context: write decode tok/s and GB/s against context to this PNG
     naive: bool = False           # also time decoding by recomputing the whole context (no cache)
     find_max_batch: bool = False  # GPU: double the micro-batch until out of memory
     quick: bool = False           # a small run for a smoke test
@@ -172,6 +176,24 @@ class Variant:
         return batch * prompt_len / prefill.seconds, batch * (self.cfg.decode_tokens - 1) / decode.seconds
 
     @torch.no_grad()
+    def decode_at(self, batch, context):
+        """Decode tokens/s with `context` positions already in the cache. No prefill is run: every step attends
+        over the whole cache (masked), so its work and bytes depend on the cache's length, not its values."""
+        cfg = self.cfg
+        step = self.model
+        if cfg.compile:
+            step = compile_decode_step(self.model, batch, context + cfg.decode_tokens)
+        self.model.setup_cache(batch, context + cfg.decode_tokens)
+        token = self.tokens(batch, 1)
+        pos = torch.full((1,), context, dtype=torch.long, device=cfg.device)
+        step(token, input_pos=pos)  # warm-up (allocations)
+        with Timer(cfg.device) as t:
+            for _ in range(cfg.decode_tokens):
+                step(token, input_pos=pos)
+                pos += 1
+        return batch * cfg.decode_tokens / t.seconds
+
+    @torch.no_grad()
     def naive_decode(self, prompt_len):
         """Tokens/s at batch 1 when each new token recomputes the whole context (how nanoGPT samples)."""
         idx = self.tokens(1, prompt_len)
@@ -200,8 +222,11 @@ def run(cfg):
     cuda = "cuda" in cfg.device
     dtype = precision(cfg.device, cfg.dtype)[0]
     parts = {p.strip() for p in cfg.parts.split(",")}
-    if not parts or parts - {"train", "inference"}:
-        raise UsageError(f"parts={cfg.parts!r}: expected train, inference or both, comma-separated")
+    if not parts or parts - {"train", "inference", "context"}:
+        raise UsageError(f"parts={cfg.parts!r}: expected train, inference and/or context, comma-separated")
+    decode_contexts = context_list(cfg) if "context" in parts else []
+    if cfg.plot and not decode_contexts:
+        raise UsageError("--plot draws the context measurements: give --parts=context too")
     if cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
         raise UsageError(f"short_prompt + decode_tokens = {cfg.short_prompt + cfg.decode_tokens} "
                          f"exceeds block_size={cfg.block_size}")
@@ -240,7 +265,15 @@ def run(cfg):
         v.model.kv_cache = None  # free it before the next variant's turn
         return out
 
-    for measure in (train_round, inference_round):
+    def context_round(v):
+        inference_layout(v.model.to(dtype))
+        out = {f"ctx_decode_tok_s_b{batch}_{c}": v.decode_at(batch, c)
+               for batch in dict.fromkeys((1, cfg.decode_batch)) for c in decode_contexts}
+        v.model.float()
+        v.model.kv_cache = None
+        return out
+
+    for measure in (train_round, inference_round, context_round):
         if measure.__name__.split("_")[0] not in parts:
             continue
         name = measure.__name__.replace("_", " ")
@@ -280,6 +313,10 @@ def run(cfg):
                 r[f"decode_bytes_per_token_{name}"] = step_bytes / batch
                 r[f"decode_gb_s_{name}"] = step_bytes / batch * r[f"decode_tok_s_{name}"] / 1e9
                 r[f"decode_mbu_{name}"] = r[f"decode_gb_s_{name}"] * 1e9 / peak_bytes if peak_bytes else None
+        for batch in dict.fromkeys((1, cfg.decode_batch)):
+            for c in decode_contexts:  # a step reads the weights and every K and V slot over the whole cache
+                step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
+                r[f"ctx_decode_gb_s_b{batch}_{c}"] = step_bytes / batch * r[f"ctx_decode_tok_s_b{batch}_{c}"] / 1e9
         if cfg.find_max_batch and cuda and "train" in parts:
             v.model.to(cfg.device)
             r["max_micro_batch"] = v.max_batch()
@@ -287,6 +324,49 @@ def run(cfg):
         results[v.spec] = r
     return results, {"flops": flops_label, "bytes": bytes_label, "peak_flops": peak_flops,
                      "peak_bytes": peak_bytes}
+
+
+def context_list(cfg):
+    """parts=context: the cached lengths to decode at, each leaving room for decode_tokens in the window."""
+    try:
+        contexts = [int(c) for c in cfg.contexts.split(",")]
+    except ValueError:
+        raise UsageError(f"contexts={cfg.contexts!r}: expected comma-separated whole numbers") from None
+    bad = [c for c in contexts if not 1 <= c <= cfg.block_size - cfg.decode_tokens]
+    if bad:
+        raise UsageError(f"contexts: {bad[0]} is out of range: each must be 1 to block_size - decode_tokens = "
+                         f"{cfg.block_size - cfg.decode_tokens}")
+    return contexts
+
+
+def plot_contexts(results, cfg, file):
+    """Decode tokens/s and GB/s against the cached context, one panel per batch size, a line per variant."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    contexts, batches = context_list(cfg), list(dict.fromkeys((1, cfg.decode_batch)))
+    fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 7), squeeze=False)
+    for col, batch in enumerate(batches):
+        for spec, r in results.items():
+            for row, what in enumerate(("tok_s", "gb_s")):
+                axes[row, col].plot(contexts, [r[f"ctx_decode_{what}_b{batch}_{c}"] for c in contexts], marker="o",
+                                    label=spec)
+        axes[0, col].set(title=f"batch {batch}", ylabel="decode tokens/s")
+        axes[1, col].set(xlabel="cached context (positions)", ylabel="decode GB/s (weights + KV cache read)")
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{cfg.preset}: decode speed against context, {device_name(cfg)}, {cfg.dtype}", fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(file, dpi=90)
+    except OSError as e:
+        raise UsageError(f"cannot write {file} ({e.strerror})") from None
+    plt.close(fig)
 
 
 def table(results, cfg, peaks):
@@ -304,6 +384,12 @@ def table(results, cfg, peaks):
             rows += [(f"prefill tok/s {label}", k, 1), (f"decode tok/s {label}", f"decode_tok_s_{name}", 1),
                      (f"decode GB/s {label}", f"decode_gb_s_{name}", 1),
                      (f"decode MBU % {label}", f"decode_mbu_{name}", 100)]
+    for k in base:
+        if k.startswith("ctx_decode_tok_s_"):
+            name = k[len("ctx_decode_tok_s_"):]
+            batch, context = name.split("_")
+            rows += [(f"decode tok/s {batch} ctx {context}", k, 1),
+                     (f"decode GB/s {batch} ctx {context}", f"ctx_decode_gb_s_{name}", 1)]
     if "naive_decode_tok_s_b1_short" in base:
         rows.append(("naive decode tok/s b1 short", "naive_decode_tok_s_b1_short", 1))
     lines = [f"{'':28}" + "".join(f"{spec:>20}" for spec in results)]
@@ -338,6 +424,9 @@ def main(argv):
     cfg = parse(argv)
     results, peaks = run(cfg)
     print(table(results, cfg, peaks))
+    if cfg.plot:
+        plot_contexts(results, cfg, cfg.plot)
+        print(f"wrote {cfg.plot}")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"device": device_name(cfg), "torch": torch.__version__, "config": asdict(cfg),

@@ -219,13 +219,6 @@ def import_pretrained(source, kv_init="keep", **overrides):
     return (load_gguf_llama if kind == "gguf" else load_hf_llama)(path, kv_init, **overrides)
 
 
-def import_meta(source):
-    """The tokenizer meta of 'hf:DIR' (its tokenizer.json) or 'gguf:FILE' (its tokenizer.ggml.* metadata)."""
-    from data.common import hf_meta
-    kind, _, path = source.partition(":")
-    return gguf_meta(path) if kind == "gguf" else hf_meta(path)
-
-
 def load_hf_llama(path, kv_init="keep", **overrides):
     """Load a local Hugging Face LLaMA (e.g. TinyLlama-1.1B). overrides: ModelConfig fields; a kv_share
     or att_share other than 'none' converts the model with convert_sharing(kv_init) after loading."""

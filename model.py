@@ -371,6 +371,16 @@ class LLaMA(nn.Module):
         self.kv_cache = KVCache(n["k"], n["v"], batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                 dtype, device)
 
+    def layer_step(self, i, x, seen, cos, sin, mask=None, cache=None, input_pos=None):
+        """Run layer i on the residual stream x, handing it what it reads from the layers below it;
+        seen[j] is the (q, k, v) layer j attended with, and layer i's is appended."""
+        kv_src, att_src = self.kv_sources[i], self.att_sources[i]
+        kv = seen[kv_src][1:] if kv_src != i else None     # a K/V consumer: its producer's k, v
+        qk = seen[att_src][:2] if att_src != i else None   # an attention consumer: its source's q, k
+        x, qkv = self.layers[i](x, cos, sin, mask, kv, qk, cache, self.slots[i], input_pos)
+        seen.append(qkv)
+        return x
+
     def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=None):
         """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
         With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
@@ -393,12 +403,8 @@ class LLaMA(nn.Module):
             mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
         x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
         seen, hidden = [], []  # seen[j] = the (q, k, v) layer j attended with in this pass
-        for i, layer in enumerate(self.layers):
-            kv_src, att_src = self.kv_sources[i], self.att_sources[i]
-            kv = seen[kv_src][1:] if kv_src != i else None     # a K/V consumer: its producer's k, v
-            qk = seen[att_src][:2] if att_src != i else None   # an attention consumer: its source's q, k
-            x, qkv = layer(x, cos, sin, mask, kv, qk, cache, self.slots[i], input_pos)
-            seen.append(qkv)
+        for i in range(len(self.layers)):
+            x = self.layer_step(i, x, seen, cos, sin, mask, cache, input_pos)
             if hidden_at is not None and i in hidden_at:
                 hidden.append(x)
         if targets is None and not all_logits:

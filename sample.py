@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from checkpoint import IMPORTS, import_meta, import_pretrained, load_checkpoint, model_from_checkpoint
+from checkpoint import IMPORTS, import_pretrained, load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, DTYPE, check_device, configure, precision, run_main
-from data.common import tokenizer_from_meta
+from data.common import bpe_meta, tokenizer_from_meta
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from model import UsageError, kv_cache_bytes
 
@@ -37,7 +37,7 @@ class SampleConfig:
 def load_model(cfg):
     """Model (eval mode, on cfg.device in cfg.dtype), its data meta, and (encode, decode)."""
     if cfg.init_from.startswith(IMPORTS):
-        model, meta = import_pretrained(cfg.init_from), import_meta(cfg.init_from)
+        model, meta = import_pretrained(cfg.init_from), bpe_meta(cfg.init_from)
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", map_location="cpu")
         if not isinstance(ckpt.get("meta"), dict):
