@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import IMPORTS, load_checkpoint, model_from_checkpoint
+from checkpoint import IMPORTS, load_checkpoint, load_pretrained, model_from_checkpoint, same_tokens
 from configurator import check_device, run_main
 from model import UsageError, convert_sharing
-from train import get_batch, load_dataset, load_pretrained, same_tokens
+from data.loader import get_batch, load_dataset
 
 
 def read_run(folder):
@@ -359,7 +359,7 @@ def layers_main(args):
             raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
         model = model_from_checkpoint(ckpt, path)
     else:
-        model = load_pretrained(args.init_from, cfg, meta)
+        model = load_pretrained(args.init_from, meta, cfg.dataset)
     if model.kv_sources != list(range(len(model.layers))) or model.att_sources != list(range(len(model.layers))):
         raise UsageError(f"the model already shares (kv_share={model.config.kv_share}, att_share="
                          f"{model.config.att_share}): analyze the model it was converted from")

@@ -18,16 +18,17 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
 
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
-from model import LLaMA, ModelConfig, UsageError, decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
+from checkpoint import config_from_dict
+from model import (LLaMA, ModelConfig, UsageError, decode_bytes_per_step, kv_cache_bytes, make_optimizer,
+                   training_flops_per_token)
 from perf import device_peak
-from train import TrainConfig, make_optimizer, model_config
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -132,7 +133,8 @@ class Variant:
     def __init__(self, cfg, spec):
         torch.manual_seed(0)
         self.spec, self.cfg = spec, cfg
-        self.model = LLaMA(replace(model_config(cfg, cfg.vocab_size), **variant_sharing(spec)))
+        self.model = LLaMA(config_from_dict({f.name: getattr(cfg, f.name) for f in fields(ModelConfig)}
+                                            | variant_sharing(spec)))
         self.train_fn = torch.compile(self.model) if cfg.compile else self.model
 
     def tokens(self, b, t):
@@ -141,7 +143,7 @@ class Variant:
     def train_ms(self, batch_size, warmup, steps):
         """Median ms per training step (forward, backward, AdamW) at this micro-batch."""
         cfg = self.cfg
-        optimizer = make_optimizer(self.model, TrainConfig())
+        optimizer = make_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99))  # train.py's defaults
         x, y = self.tokens(batch_size, cfg.block_size), self.tokens(batch_size, cfg.block_size)
         autocast = precision(cfg.device, cfg.dtype)[1]
         times = []

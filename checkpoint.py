@@ -1,5 +1,7 @@
-"""Weights in and out: our checkpoints (written atomically and durably, read as data only) and local Hugging
-Face LLaMA directories (config.json + safetensors or pytorch_model.bin), each checked with one clear error."""
+"""Weights in and out, each checked with one clear error: our checkpoints (written atomically and durably,
+read as data only; what an exact resume needs besides the weights), a pretrained model named ckpt:DIR, hf:DIR
+or gguf:FILE (load_pretrained), local Hugging Face LLaMA directories (config.json + safetensors or
+pytorch_model.bin) and GGUF files (llama.cpp's format; from_pretrained reads either)."""
 import contextlib
 import json
 import os
@@ -93,6 +95,56 @@ def load_weights(model, state, where, source_names=None):
 
 def model_from_checkpoint(ckpt, where="checkpoint"):
     return load_weights(LLaMA(config_from_dict(ckpt["model_args"])), ckpt["model"], where)
+
+
+def rng_state(device):
+    """Every RNG training draws from (dropout): the CPU generator, and the GPU's when training on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def restore_training_state(ckpt, optimizer, scaler, rank, world, device, mismatch):
+    """A resume: the optimizer and GradScaler state, and this rank's RNG states, as the checkpoint has them.
+    mismatch: the error to give when the optimizer state does not fit the model."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"{mismatch} ({str(e).splitlines()[0]})") from None
+    states = ckpt["rng_states"]  # one per rank
+    if len(states) != world and rank == 0:
+        print(f"note: the run was saved with {len(states)} process(es), resumed with {world}: "
+              f"dropout streams differ from an uninterrupted run")
+    if rank < len(states):
+        set_rng_state(states[rank], device)
+
+
+def same_tokens(a, b):
+    """Whether two data metas describe the same tokenizer (so a model trained on one reads the other)."""
+    return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "itos", "tokenizer_json"))
+
+
+def load_pretrained(source, meta, dataset):
+    """The model that ckpt:DIR, hf:DIR or gguf:FILE names, checked to read the tokens of `dataset` (meta)."""
+    if source.startswith("ckpt:"):
+        path = os.path.join(source[5:], "ckpt.pt")
+        ckpt = load_checkpoint(path, require=("meta",))
+        if not isinstance(ckpt["meta"], dict) or not same_tokens(ckpt["meta"], meta):
+            raise UsageError(f"{source} was trained on other tokens than dataset '{dataset}'")
+        return model_from_checkpoint(ckpt, path)
+    model = import_pretrained(source)
+    if meta["tokenizer"] != "hf" or meta["vocab_size"] > model.config.vocab_size:
+        raise UsageError(f"dataset '{dataset}' is not tokenized for {source}: prepare it with --tokenizer={source}")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,6 +269,13 @@ def import_pretrained(source, kv_init="keep", **overrides):
     holding one) names; overrides as in load_hf_llama."""
     kind, _, path = source.partition(":")
     return (load_gguf_llama if kind == "gguf" else load_hf_llama)(path, kv_init, **overrides)
+
+
+def from_pretrained(path, kv_init="keep", **overrides):
+    """A local Hugging Face LLaMA directory, or a GGUF file (a .gguf, or a folder holding one), as an LLaMA,
+    converted if overrides name a kv_share or att_share:
+        model = from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf", att_share="echo:7")"""
+    return (load_gguf_llama if is_gguf(path) else load_hf_llama)(path, kv_init, **overrides)
 
 
 def load_hf_llama(path, kv_init="keep", **overrides):

@@ -1,11 +1,23 @@
-"""The device's limits, to divide achieved figures by: MFU (training is compute-bound: FLOP/s against a matmul
-peak) and MBU (batch-1 decode is bandwidth-bound: bytes/s against a memory peak). A datasheet peak for a listed
-GPU, else one measured here, so the figures mean the same on any machine. What the model computes and reads
-per token is counted in model.py (training_flops_per_token, decode_bytes_per_step)."""
+"""MFU and MBU: what a step computes or reads, over the device's limit. MFU = step_flops x tokens/s / peak
+FLOP/s (training is compute-bound: against a matmul peak); MBU = decode bytes/s / peak bytes/s (batch-1
+decode is bandwidth-bound: against a memory peak). The peak is a datasheet's for a listed GPU, else measured
+here, so the figures mean the same on any machine. The per-token counts themselves are model.py's
+(training_flops_per_token, decode_bytes_per_step)."""
 import functools
 import time
 
 import torch
+
+from model import training_flops_per_token
+
+
+def step_flops(model, teacher, seq_len):
+    """Model FLOPs per token of a training step, what is really computed: the student's forward and backward
+    (frozen weights get no weight gradient, layers below every trained weight no backward) and, when
+    distilling, the teacher's forward (a third of a full step's)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return training_flops_per_token(model.config, seq_len, frozen) + (
+        training_flops_per_token(teacher.config, seq_len) / 3 if teacher is not None else 0)
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core FLOP/s, vendor datasheets. A key matches a device name that
     # contains each of its *-separated parts (any case); the longest matching key wins.

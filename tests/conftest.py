@@ -54,7 +54,7 @@ def read_log(out_dir):
 
 def kv_stages(start, target):
     """The kv_sources of each adaptation stage; the final full fine-tuning must repeat the last one."""
-    from train import adaptation_stages
+    from conversion import adaptation_stages
     stages = adaptation_stages({"kv_sources": start, "att_sources": list(range(len(start)))}, target)
     assert stages[-1] == dict(stages[-2], freeze=False) and all(st["att_sources"] == list(range(len(start)))
                                                                for st in stages)

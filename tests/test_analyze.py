@@ -138,7 +138,8 @@ def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_l
     from analyze import get_batch, share_costs
     from checkpoint import load_checkpoint, model_from_checkpoint
     from configurator import configure
-    from train import TrainConfig, load_dataset
+    from data.loader import load_dataset
+    from train import TrainConfig
     model = model_from_checkpoint(load_checkpoint(five_layers / "ckpt.pt")).eval()
     with torch.no_grad():
         model.layers[3].attention.wo.weight.zero_()  # layer 3's attention output is 0 whatever K/V it reads
@@ -157,7 +158,8 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
     from checkpoint import load_checkpoint, model_from_checkpoint
     from model import convert_sharing
     from configurator import configure
-    from train import TrainConfig, load_dataset
+    from data.loader import load_dataset
+    from train import TrainConfig
     model = model_from_checkpoint(load_checkpoint(five_layers / "ckpt.pt")).eval()
     data, _ = load_dataset(configure(TrainConfig(), [f"--data_dir={data_dir}", "--dataset=tiny", "--block_size=32"]))
     g = torch.Generator().manual_seed(0)

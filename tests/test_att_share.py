@@ -67,7 +67,7 @@ def test_cached_prefill_and_decode_equal_the_full_pass(kv_share, att_share, n_kv
     model = model_of(kv_share, att_share, n_kv_head)
     idx = torch.randint(0, 71, (3, 23))
     with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
+        full, _, _ = model(idx, all_logits=True)
         model.setup_cache(3, 27)
         parts = [model(idx[:, :8], input_pos=torch.arange(8), all_logits=True)[0],
                  model(idx[:, 8:19], input_pos=torch.arange(8, 19), all_logits=True)[0]]
@@ -155,7 +155,7 @@ def test_one_shot_conversion_with_distillation_and_hidden_states(data_dir, pretr
 
 
 def test_hidden_term_compares_the_residual_stream_after_each_shared_block():
-    from train import block_outputs, hidden_loss
+    from distill import block_outputs, hidden_loss
     student = convert_sharing(model_of("none", "none", n_layer=6), att_share="0,0,2,2,2,5")
     assert block_outputs(student) == (1, 4)
     assert block_outputs(model_of("echo:2", "none", n_layer=6)) == (5,)
@@ -192,22 +192,19 @@ def test_layer_wise_conversion_resumes_mid_schedule_exactly(data_dir, pretrained
 
 
 def test_frozen_stages_train_the_converted_layers_and_what_they_read():
-    from train import adaptation_stages, enter_stage
+    from conversion import adaptation_stages, enter_stage
     model = model_of("none", "none", n_layer=4)
     stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources},
                                att_target="0,1,1,1", freeze=True)
     assert [st["freeze"] for st in stages] == [True, True, False]
-
-    class Settings:
-        kv_init = "keep"
-    model = enter_stage(model, stages[0], Settings)  # layer 3 reuses layer 1's attention
+    model = enter_stage(model, stages[0], "keep")  # layer 3 reuses layer 1's attention
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trains == {n for n, _ in model.named_parameters() if n.startswith("layers.3.")} | {
         "layers.1.attention.wq.weight", "layers.1.attention.wk.weight"}
 
 
 def test_legacy_checkpoint_stages_still_resume():
-    from train import legacy_stages
+    from conversion import legacy_stages
     old = [[0, 1, 2, 2], [0, 1, 1, 1]]  # what a checkpoint stored before attention sharing
     stages = legacy_stages(old, 4, freeze=True)
     assert [st["kv_sources"] for st in stages] == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 1, 1]]
@@ -217,7 +214,7 @@ def test_legacy_checkpoint_stages_still_resume():
 
 
 def test_without_a_target_there_is_one_stage_whatever_the_model_shares():
-    from train import adaptation_stages
+    from conversion import adaptation_stages
     start = {"kv_sources": [0, 1, 1, 3], "att_sources": [0, 1, 2, 0]}
     assert adaptation_stages(start) == [dict(start, freeze=False)]
 

@@ -7,7 +7,7 @@ import pytest
 
 from bench import variant_sharing
 from conftest import ROOT
-from model import ModelConfig, kv_cache_bytes, training_flops_per_token
+from model import ModelConfig, decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
 
 
 def test_quick_bench_json(tmp_path):
@@ -54,4 +54,31 @@ def test_quick_bench_json(tmp_path):
 
 def test_bad_preset_is_one_line():
     r = subprocess.run([sys.executable, "bench.py", "--preset=huge"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1 and r.stderr.strip() == "error: unknown preset 'huge': choose from tiny, shakespeare, gpt2-small, tinyllama"
+    assert r.returncode == 1 and r.stderr.strip() == "error: unknown preset 'huge': choose from tiny, shakespeare, gpt2-small, tinyllama, smollm2"
+
+
+def test_decode_against_context(tmp_path):
+    """parts=context: decode speed at each cached length, for batch 1 and the larger batch; the bytes a step
+    reads (weights + every K and V slot over context + decode_tokens positions) behind each GB/s figure;
+    a cache that does not fit the window is one line; the plot is written."""
+    out, png = tmp_path / "ctx.json", tmp_path / "ctx.png"
+    args = [sys.executable, "bench.py", "--parts=context", "--contexts=5,40,100", "--decode_tokens=7", "--rounds=1",
+            "--decode_batch=3", "--variants=none;echo:3;att=echo:5", f"--json={out}", f"--plot={png}"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    cfg = report["config"]
+    shape = ModelConfig(**{k: cfg[k] for k in ModelConfig.__dataclass_fields__ if not k.endswith("_share")})
+    for spec, res in report["results"].items():
+        model_cfg = ModelConfig(**{**shape.__dict__, **variant_sharing(spec)})
+        for batch in (1, 3):
+            for c in (5, 40, 100):
+                tok_s = res[f"ctx_decode_tok_s_b{batch}_{c}"]
+                step = decode_bytes_per_step(model_cfg, batch, c + 7, 4)
+                assert tok_s > 0 and res[f"ctx_decode_gb_s_b{batch}_{c}"] == pytest.approx(step / batch * tok_s / 1e9)
+        assert "train_tok_s" not in res and "decode_tok_s_b1_short" not in res  # only the part asked for
+    assert "decode tok/s b3 ctx 100" in r.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = subprocess.run([*args[:3], "--contexts=5,125", "--decode_tokens=7"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == ("error: contexts: 125 is out of range: each must be 1 to "
+                                                      "block_size - decode_tokens = 121")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import from_pretrained, load_checkpoint
 from conftest import ROOT, TEXT, kv_stages, read_log, run
 from model import LLaMA, UsageError, convert_sharing
 from sample import SampleConfig, sample
@@ -53,14 +53,14 @@ def logits_of(model, idx):
 @pytest.mark.parametrize("tied", [True, False])
 def test_imported_logits_equal_transformers(tmp_path, tied):
     hf = make_hf_dir(str(tmp_path), tied)
-    ours = LLaMA.from_pretrained(str(tmp_path)).eval()
+    ours = from_pretrained(str(tmp_path)).eval()
     assert ours.config.tie_embeddings == tied and ours.config.rope_theta == 5000.0 and ours.config.n_kv_head == 2
     idx = torch.randint(0, VOCAB, (2, 40))
     torch.testing.assert_close(logits_of(ours, idx), logits_of(hf, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_bin_and_sharded_checkpoints_load_the_same(tmp_path, hf_dir):
-    ref = logits_of(LLaMA.from_pretrained(hf_dir).eval(), idx := torch.randint(0, VOCAB, (1, 16)))
+    ref = logits_of(from_pretrained(hf_dir).eval(), idx := torch.randint(0, VOCAB, (1, 16)))
     state = transformers.LlamaForCausalLM.from_pretrained(hf_dir).state_dict()
     for layout in ("bin", "sharded"):
         d = tmp_path / layout
@@ -75,7 +75,7 @@ def test_bin_and_sharded_checkpoints_load_the_same(tmp_path, hf_dir):
                 save_file({k: state[k].contiguous() for k in keys}, d / file)
             index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
             (d / "model.safetensors.index.json").write_text(json.dumps(index))
-        torch.testing.assert_close(logits_of(LLaMA.from_pretrained(str(d)).eval(), idx), ref)
+        torch.testing.assert_close(logits_of(from_pretrained(str(d)).eval(), idx), ref)
 
 
 def edited_config(tmp_path, hf_dir, **changes):
@@ -96,21 +96,21 @@ def edited_config(tmp_path, hf_dir, **changes):
 ])
 def test_import_errors_name_the_problem(tmp_path, hf_dir, changes, match):
     with pytest.raises(UsageError, match=match):
-        LLaMA.from_pretrained(edited_config(tmp_path, hf_dir, **changes))
+        from_pretrained(edited_config(tmp_path, hf_dir, **changes))
 
 
 def test_import_missing_files(tmp_path):
     with pytest.raises(UsageError, match="no config.json"):
-        LLaMA.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 10,
                                                       "hidden_size": 8, "num_hidden_layers": 1,
                                                       "num_attention_heads": 2, "intermediate_size": 16}))
     with pytest.raises(UsageError, match="no model.safetensors, pytorch_model.bin"):
-        LLaMA.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_keep_and_mean_conversions(hf_dir):
-    base = LLaMA.from_pretrained(hf_dir).eval()
+    base = from_pretrained(hf_dir).eval()
     old = base.state_dict()
     kv = lambda sd, i, w="wk": sd[f"layers.{i}.attention.{w}.weight"]  # noqa: E731
     for init in ("keep", "mean"):
@@ -139,10 +139,10 @@ def test_keep_and_mean_conversions(hf_dir):
 
 
 def test_from_pretrained_converts_when_asked(hf_dir):
-    model = LLaMA.from_pretrained(hf_dir, kv_share="echo:3", kv_init="mean", block_size=32)
+    model = from_pretrained(hf_dir, kv_share="echo:3", kv_init="mean", block_size=32)
     assert model.kv_sources == [0, 0, 0, 0] and model.config.block_size == 32
     with pytest.raises(UsageError, match="unknown model config key"):
-        LLaMA.from_pretrained(hf_dir, n_layers=2)
+        from_pretrained(hf_dir, n_layers=2)
 
 
 def test_adaptation_stages_convert_top_down():

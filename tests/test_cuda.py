@@ -22,12 +22,12 @@ def test_cached_attention_never_falls_back_to_the_math_kernel(spec, n_kv_head):
     model = gpu_model(spec, n_kv_head=n_kv_head)
     idx = torch.randint(0, 256, (2, 40), device="cuda")
     with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
+        full, _, _ = model(idx, all_logits=True)
         # without MATH a fallback raises instead of running slowly
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
             model(idx, all_logits=True)  # the training path (flash)
             model.setup_cache(2, 64)
-            pre, _ = model(idx[:, :30], input_pos=torch.arange(30, device="cuda"), all_logits=True)
+            pre, _, _ = model(idx[:, :30], input_pos=torch.arange(30, device="cuda"), all_logits=True)
             steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t], device="cuda"))[0] for t in range(30, 40)]
     torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=0.15, rtol=0.05)
 

@@ -10,7 +10,9 @@ from checkpoint import config_from_dict, load_checkpoint
 from configurator import configure
 from conftest import read_log, run
 from model import LLaMA, UsageError
-from train import TrainConfig, distill_loss, initial_model, load_dataset
+from data.loader import load_dataset
+from distill import distill_loss, load_teacher, teacher_source
+from train import TrainConfig, initial_model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,10 @@ def test_a_student_equal_to_its_teacher_stays_equal(data_dir, teacher_dir, tmp_p
 def test_the_teacher_is_the_unconverted_model_and_frozen(data_dir, teacher_dir, tmp_path):
     cfg = configure(TrainConfig(), [f"--data_dir={data_dir}", "--dataset=tiny", f"--init_from=ckpt:{teacher_dir}",
                                     "--kv_share=echo:2", "--distill_alpha=0.5", "--block_size=32"])
-    model, _, teacher, source = initial_model(cfg, load_dataset(cfg)[1])
+    meta = load_dataset(cfg)[1]
+    model, ckpt, loaded = initial_model(cfg, meta)
+    source = teacher_source(cfg, ckpt)
+    teacher = load_teacher(cfg, meta, source, loaded, model)
     assert source == f"ckpt:{teacher_dir}" and model.kv_sources == [0, 1, 1, 1] and teacher.kv_sources == [0, 1, 2, 3]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     stored = load_checkpoint(os.path.join(teacher_dir, "ckpt.pt"))["model"]
@@ -98,13 +103,13 @@ def test_resume_with_distillation_is_exact_and_needs_its_teacher(data_dir, teach
 
 def test_the_teacher_is_unchanged_after_training(data_dir, teacher_dir, tmp_path, monkeypatch):
     import train as train_module
-    seen, real = [], train_module.initial_model
+    seen, real = [], train_module.load_teacher
 
-    def spy(cfg, meta):
-        out = real(cfg, meta)
-        seen.append(out[2])
-        return out
-    monkeypatch.setattr(train_module, "initial_model", spy)
+    def spy(*args):
+        teacher = real(*args)
+        seen.append(teacher)
+        return teacher
+    monkeypatch.setattr(train_module, "load_teacher", spy)
     run(data_dir, tmp_path, init_from=f"ckpt:{teacher_dir}", kv_share="echo:2", distill_alpha=0.5, max_iters=5)
     stored = load_checkpoint(os.path.join(teacher_dir, "ckpt.pt"))["model"]
     teacher = seen[0].state_dict()

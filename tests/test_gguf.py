@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import gguf_meta, import_pretrained, load_gguf_llama
+from checkpoint import from_pretrained, gguf_meta, import_pretrained, load_gguf_llama
 from conftest import TEXT, bpe_tokenizer, write_gguf
 from data.common import tokenizer_from_meta
 from generate import generate
@@ -42,7 +42,7 @@ def logits(model, idx):
 def test_f32_gguf_imports_to_the_source_logits_exactly(tmp_path, tied):
     source = random_model(tied)
     write_gguf(tmp_path / "m.gguf", source)
-    ours = LLaMA.from_pretrained(str(tmp_path / "m.gguf")).eval()
+    ours = from_pretrained(str(tmp_path / "m.gguf")).eval()
     assert ours.config == source.config
     idx = torch.randint(0, SMALL.vocab_size, (2, 37))
     assert torch.equal(logits(ours, idx), logits(source, idx))

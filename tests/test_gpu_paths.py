@@ -59,11 +59,11 @@ def test_no_sdpa_call_pairs_a_mask_with_unequal_heads(sdpa_calls, spec, n_head, 
     assert len(train_calls) == 6 and all(c["is_causal"] and not c["mask"] for c in train_calls)
     model.eval()
     sdpa_calls.clear()
-    full, _ = model(idx, all_logits=True)
+    full, _, _ = model(idx, all_logits=True)
     model.setup_cache(3, 37)
-    pre, _ = model(idx[:, :9], input_pos=torch.arange(9), all_logits=True)          # prefill
-    mid, _ = model(idx[:, 9:22], input_pos=torch.arange(9, 22), all_logits=True)    # a chunk at an offset
-    last, _ = model(idx[:, 22:], input_pos=torch.tensor([22]))                      # one decode step
+    pre, _, _ = model(idx[:, :9], input_pos=torch.arange(9), all_logits=True)          # prefill
+    mid, _, _ = model(idx[:, 9:22], input_pos=torch.arange(9, 22), all_logits=True)    # a chunk at an offset
+    last, _, _ = model(idx[:, 22:], input_pos=torch.tensor([22]))                      # one decode step
     torch.testing.assert_close(torch.cat([pre, mid, last], 1), full, atol=1e-5, rtol=1e-5)
     cached = sdpa_calls[6:]
     assert len(cached) == 18 and all(c["mask"] for c in cached)
@@ -144,7 +144,7 @@ def test_datasheet_peaks_match_the_right_device(monkeypatch, name, flops, hbm):
 
 
 def test_rng_state_covers_cuda_when_training_on_it(monkeypatch):
-    from train import rng_state, set_rng_state
+    from checkpoint import rng_state, set_rng_state
     cuda_state, restored = torch.arange(4, dtype=torch.uint8), []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append((state, device)))

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def tiny(kv_share="none", n_kv_head=2, **kw):
 def test_prefill_and_decode_match_full_forward(spec, n_kv_head):
     model = tiny(spec, n_kv_head)
     idx = torch.randint(0, 97, (2, 20))
-    full, _ = model(idx, all_logits=True)
+    full, _, _ = model(idx, all_logits=True)
     model.setup_cache(batch_size=2, max_len=32)
     # prefill 7, then a chunk of 5 at an offset (several queries per step through the mask), then one at a time
     chunks = [model(idx[:, :7], input_pos=torch.arange(7), all_logits=True)[0],
@@ -31,7 +32,7 @@ def test_prefill_and_decode_match_full_forward(spec, n_kv_head):
         chunks.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0])
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
     # without targets or all_logits only the last position is computed, and it is the same row
-    last, _ = model(idx)
+    last, _, _ = model(idx)
     assert last.shape == (2, 1, 97)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
 
@@ -39,7 +40,7 @@ def test_prefill_and_decode_match_full_forward(spec, n_kv_head):
 def naive_greedy(model, idx, n):
     """Recompute the whole context for every new token (no cache), as nanoGPT samples."""
     for _ in range(n):
-        logits, _ = model(idx)
+        logits, _, _ = model(idx)
         idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     return idx
 
@@ -105,7 +106,7 @@ def test_gradient_reaches_producer_kv_through_consumers():
         with torch.no_grad():
             model.layers[3].attention.wo.weight.zero_()
         idx = torch.randint(0, 97, (2, 16))
-        _, loss = model(idx, targets=idx)
+        _, loss, _ = model(idx, targets=idx)
         loss.backward()
         grad = model.layers[3].attention.wk.weight.grad
         assert (grad.abs().sum() > 0) == expect_grad, spec
@@ -151,7 +152,7 @@ def test_bad_head_counts_raise():
 def test_loss_at_init_is_close_to_uniform():
     model = tiny("echo:3", vocab_size=512)
     idx, targets = torch.randint(0, 512, (2, 8, 32))  # independent targets: no token predicts itself
-    _, loss = model(idx, targets=targets)
+    _, loss, _ = model(idx, targets=targets)
     assert abs(loss.item() - math.log(512)) < 0.05
 
 
@@ -165,3 +166,19 @@ def test_sequence_longer_than_block_is_rejected():
 def test_decoding_before_setup_cache_is_one_clear_error():
     with pytest.raises(UsageError, match=r"input_pos given but there is no KV cache: call model.setup_cache"):
         tiny()(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+
+
+def test_the_documented_spec_examples_are_exact():
+    """Every example of the spec grammar that the docs show (resolve_sources' docstring, the README's table,
+    6 layers) resolves to exactly the sources they print, a partial top group of cla:G included."""
+    import re
+    from conftest import ROOT
+    expected = {"none": [0, 1, 2, 3, 4, 5], "echo:2": [0, 1, 2, 3, 3, 3], "echo:3": [0, 1, 2, 2, 2, 2],
+                "cla:2": [0, 0, 2, 2, 4, 4], "cla:4": [0, 0, 0, 0, 4, 4], "0,0,2,2,2,5": [0, 0, 2, 2, 2, 5]}
+    for spec, sources in expected.items():
+        assert resolve_sources(spec, 6) == sources, spec
+    doc = dict(re.findall(r"(\S+)\s+-> (\[[\d, ]+\])", resolve_sources.__doc__))
+    readme = dict(re.findall(r"^\| `([^`]+)` \| `(\[[\d, ]+\])` \|", open(os.path.join(ROOT, "README.md")).read(), re.M))
+    assert set(doc) == {"none", "echo:2", "cla:2", "cla:4", "0,0,2,2,2,5"} and "cla:4" in readme and len(readme) >= 5
+    for spec, shown in {**doc, **readme}.items():
+        assert resolve_sources(spec, 6) == expected[spec] == eval(shown), spec

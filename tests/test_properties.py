@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model import (LLaMA, ModelConfig, convert_sharing, kv_cache_bytes, matmul_params, resolve_sharing,
                    training_flops_per_token)
-from train import adaptation_stages
+from conversion import adaptation_stages
 
 PROFILE = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -69,7 +69,7 @@ def test_cached_prefill_and_decode_equal_the_full_pass(cfg, data):
     prefill = data.draw(st.integers(1, T))
     idx = torch.randint(0, cfg.vocab_size, (B, T))
     with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
+        full, _, _ = model(idx, all_logits=True)
         model.setup_cache(B, data.draw(st.integers(T, cfg.block_size)))
         parts = [model(idx[:, :prefill], input_pos=torch.arange(prefill), all_logits=True)[0]]
         t = prefill
@@ -136,3 +136,24 @@ def test_every_conversion_stage_is_a_valid_model_and_the_last_is_the_target(star
                 and (goal[0][i] != i or goal[1][i] != i)}
         assert not converted or converted[-1] <= done
         converted.append(done)
+
+
+@PROFILE
+@given(configs(), st.data())
+def test_training_flops_with_frozen_weights_equal_the_counter(cfg, data):
+    """With any set of parameters frozen (as adapt_freeze does, and more), the FLOP count is what autograd
+    really computes: torch's counter on the math attention kernel (which it counts) agrees exactly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = LLaMA(cfg)
+    names = [name for name, _ in model.named_parameters()]
+    frozen = set(data.draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names) - 1)))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    B, T = 2, cfg.block_size
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx)[1].backward()
+    assert counter.get_total_flops() == training_flops_per_token(cfg, T, frozen) * B * T
+    if not frozen:
+        assert counter.get_total_flops() == (6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T) * B * T

@@ -124,8 +124,8 @@ def test_sliced_targets_work():
     torch.manual_seed(0)
     model = LLaMA(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
     x = torch.randint(0, 50, (3, 17))
-    _, sliced = model(x[:, :-1], x[:, 1:])  # non-contiguous targets
-    _, copied = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+    _, sliced, _ = model(x[:, :-1], x[:, 1:])  # non-contiguous targets
+    _, copied, _ = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
     assert torch.equal(sliced, copied)
 
 

@@ -145,3 +145,24 @@ def test_without_always_save_the_checkpoint_is_the_best_eval(data_dir, tmp_path)
     assert best["iter"] != evals[-1]["iter"], "the run never got worse: this test would prove nothing"
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["iter_num"] == best["iter"] and ckpt["best_val_loss"] == best["val_loss"]
+
+
+def test_mfu_while_layers_are_frozen_counts_what_is_computed(data_dir, pretrained, tmp_path):
+    """A frozen stage is not MFU-less: its FLOPs per token are those of the stage (frozen weights: no weight
+    gradient; layers below every trained weight: no backward), smaller than full fine-tuning's."""
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from conversion import adaptation_stages, enter_stage
+    run(data_dir, tmp_path, init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=2,
+        adapt_freeze=True, max_iters=8, log_interval=1, eval_interval=8, peak_flops=1e9)
+    logs = [r for r in read_log(tmp_path) if "loss" in r]
+    model = model_from_checkpoint(load_checkpoint(os.path.join(pretrained, "ckpt.pt")))
+    stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources}, "echo:3", freeze=True)
+    flops = []
+    for st in stages:
+        model = enter_stage(model, st, "keep")
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        flops.append(model_module.training_flops_per_token(model.config, 32, frozen))
+    assert [st["freeze"] for st in stages] == [True, True, True, False] and flops[0] < flops[1] < flops[2] < flops[3]
+    for r in logs:  # the stage of a log line is the stage its iterations trained in
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops[r["stage"]] / 1e9), r
+    assert {r["stage"] for r in logs} == {0, 1, 2, 3}
