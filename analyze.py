@@ -2,17 +2,18 @@
 
     python analyze.py runs out-shakespeare-char-cpu out-shakespeare-char-cpu-echo --plot=curves.png
     python analyze.py layers --out_dir=out-shakespeare-char-cpu --n_producers=2 --plot=layers.png
-    python analyze.py layers --init_from=hf:/models/TinyLlama-1.1B --dataset=tinystories --n_producers=11
+    python analyze.py layers --init_from=gguf:PATH --dataset=shakespeare_smollm2 --n_producers=23 --batches=4
 
 runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s),
 and with --plot the loss curves against tokens seen and against training seconds (evals excluded), one colour
 per run labelled with its sharing, the layer-wise conversion stages marked. matplotlib is needed only for
 --plot.
 
-layers: for a trained model that shares nothing, the one-shot cost of every pair (layer j reading layer i's
-K/V, or reusing its attention), the layers' K/V and attention-map similarities, the cheapest kv_share and
-att_share with --n_producers layers computing their own, and each whole spec measured one-shot beside echo
-and CLA. The last two lines are the chosen specs, ready for train.py.
+layers: for a model that shares nothing, the one-shot cost of every pair (layer j reading layer i's K/V, or
+reusing its attention), measured on batches from the first half of the val split; the layers' K/V and
+attention-map similarities; the cheapest kv_share and att_share with --n_producers layers computing their
+own; and each whole spec measured one-shot beside echo, CLA and EchoAtt's most-similar choice, on held-out
+batches from the second half. The last two lines are the chosen specs, ready for train.py.
 """
 import argparse
 import contextlib

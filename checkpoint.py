@@ -160,12 +160,13 @@ HF_LAYER_NAMES = {  # within model.layers.{i}.
     "mlp.down_proj.weight": "feed_forward.w2.weight"}
 
 
-def our_name(hf_name):
-    """Our name for a Hugging Face weight name; a name we do not know is kept, and reported as unexpected."""
-    if hf_name.startswith("model.layers."):
-        i, _, rest = hf_name[len("model.layers."):].partition(".")
-        return f"layers.{i}.{HF_LAYER_NAMES[rest]}" if rest in HF_LAYER_NAMES else hf_name
-    return HF_NAMES.get(hf_name, hf_name)
+def our_name(name, top_names, layer_names, layer_prefix):
+    """Our name for a weight's name in a Hugging Face (layer_prefix "model.layers.") or GGUF ("blk.") file;
+    a name we do not know is kept, and reported as unexpected."""
+    if name.startswith(layer_prefix):
+        i, _, rest = name[len(layer_prefix):].partition(".")
+        return f"layers.{i}.{layer_names[rest]}" if rest in layer_names else name
+    return top_names.get(name, name)
 
 
 def read_json(file, what):
@@ -285,7 +286,7 @@ def load_hf_llama(path, kv_init="keep", **overrides):
     for hf_name, tensor in hf_weights(path).items():
         if "rotary_emb" in hf_name:
             continue  # recomputed, not learned
-        name = our_name(hf_name)
+        name = our_name(hf_name, HF_NAMES, HF_LAYER_NAMES, "model.layers.")
         state[name], hf_names[name] = tensor, hf_name
     return pretrained_model(config, state, hf_names, path, kv_init, overrides)
 
@@ -314,6 +315,8 @@ GGUF_LAYER_NAMES = {  # within blk.{i}.
     "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
     "ffn_gate.weight": "feed_forward.w1.weight", "ffn_up.weight": "feed_forward.w3.weight",
     "ffn_down.weight": "feed_forward.w2.weight"}
+GGUF_CONTROL_TOKEN = 3  # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+GGUF_PRE_TOKENIZERS = ("default", "gpt-2", "smollm")  # smollm: each digit its own piece, then GPT-2's split
 
 
 def is_gguf(path):
@@ -407,14 +410,6 @@ def unpermute_rope_rows(w, n_heads):
     return w.reshape(n_heads, out // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
 
 
-def our_gguf_name(name):
-    """Our name for a GGUF tensor name; an unknown name is kept, and reported as unexpected."""
-    if name.startswith("blk."):
-        i, _, rest = name[len("blk."):].partition(".")
-        return f"layers.{i}.{GGUF_LAYER_NAMES[rest]}" if rest in GGUF_LAYER_NAMES else name
-    return GGUF_NAMES.get(name, name)
-
-
 def load_gguf_llama(path, kv_init="keep", **overrides):
     """Load a LLaMA from a GGUF file (e.g. SmolLM2-135M): every tensor type the gguf package can dequantize
     (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the K-quants, ...) becomes fp32; overrides as in load_hf_llama."""
@@ -430,7 +425,7 @@ def load_gguf_llama(path, kv_init="keep", **overrides):
                              f"cannot dequantize ({str(e).splitlines()[0][:80]})") from None
         if t.name.endswith(("attn_q.weight", "attn_k.weight")) and w.ndim == 2:
             w = unpermute_rope_rows(w, config.n_head if "attn_q" in t.name else config.n_kv_head)
-        name = our_gguf_name(t.name)
+        name = our_name(t.name, GGUF_NAMES, GGUF_LAYER_NAMES, "blk.")
         state[name], gguf_names[name] = torch.from_numpy(w.copy()), t.name
     return pretrained_model(config, state, gguf_names, file, kv_init, overrides)
 
@@ -468,6 +463,3 @@ def gguf_meta(path):
     return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "bos": bos if add_bos else None, "eot": eos,
             "tokenizer_json": tok.to_str()}
 
-
-GGUF_CONTROL_TOKEN = 3  # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
-GGUF_PRE_TOKENIZERS = ("default", "gpt-2", "smollm")  # smollm: each digit its own piece, then GPT-2's split

@@ -19,7 +19,7 @@ SETTINGS = {"train.py": {f.name for f in fields(TrainConfig)}, "sample.py": {f.n
             "data/shakespeare_char/prepare.py": {"input", "out_dir"},
             "data/shakespeare/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/tinystories/prepare.py": {"input", "out_dir", "tokenizer"}}
-SOURCES = ["README.md"] + [s for s in SETTINGS if s.endswith(".py")]
+SOURCES = ["README.md", "RESULTS.md"] + [s for s in SETTINGS if s.endswith(".py")]
 
 
 def documented_commands():
@@ -29,7 +29,7 @@ def documented_commands():
         text = open(os.path.join(ROOT, source)).read()
         if source.endswith(".py"):
             text = ast.get_docstring(ast.parse(text)) or ""
-        else:  # the README's code blocks; a shell variable P="..." holds train.py settings
+        else:  # the README's and RESULTS.md's code blocks; a shell variable P="..." holds train.py settings
             text = "\n".join(re.findall(r"```sh\n(.*?)```", text, re.S))
             text = re.sub(r'^P="(.*)"$', r"python train.py \1", text, flags=re.M)
         for line in text.replace("\\\n", " ").splitlines():
