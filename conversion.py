@@ -96,8 +96,3 @@ def enter_stage(model, stage, kv_init):
         p.requires_grad_(not stage["freeze"] or layer in converted or any(name.startswith(r) for r in read))
     return model
 
-
-def describe(stages, adapt_iters):
-    """A line for the log: how many stages, and their sources."""
-    return (f"layer-wise conversion: {len(stages) - 1} stages of {adapt_iters} iterations, then full fine-tuning; "
-            f"stages: {stages}")

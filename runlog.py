@@ -39,7 +39,8 @@ class RunLog:
         check_finite(loss, iter_num, self.out_dir)
         self.peak = mfu_of
         if self.bar:
-            self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s"
+            self.bar.set_postfix_str(f"loss {loss:.4f}" + "".join(f", {k} {v:.4f}" for k, v in parts.items())
+                                     + f", {tokens_per_s:,.0f} tok/s"
                                      + (f", mfu {mfu * 100:.1f}% of {mfu_of}" if mfu is not None else ""))
         else:
             print(f"iter {iter_num}: loss {loss:.4f}" + "".join(f", {k} {v:.4f}" for k, v in parts.items())
