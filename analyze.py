@@ -15,7 +15,6 @@ attention-map similarities; the cheapest kv_share and att_share with --n_produce
 own; and each whole spec measured one-shot beside echo, CLA and EchoAtt's most-similar choice, on held-out
 batches from the second half. The last two lines are the chosen specs, ready for train.py.
 """
-import argparse
 import contextlib
 import itertools
 import json
@@ -23,6 +22,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,9 +30,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import IMPORTS, load_checkpoint, load_pretrained, model_from_checkpoint, same_tokens
-from configurator import check_device, run_main
-from model import UsageError, convert_sharing
+from checkpoint import load_checkpoint, model_from_checkpoint, same_tokens
+from configurator import check_device, configure, run_main
+from conversion import convert_sharing
+from model import UsageError
+from plotting import pyplot, save_figure
+from pretrained import IMPORTS, load_pretrained
 from data.loader import get_batch, load_dataset
 
 
@@ -74,25 +77,6 @@ def summary(run):
             "tok/s": last["tokens"] / last["train_seconds"] if last["train_seconds"] else float("nan")}
 
 
-def pyplot():
-    """matplotlib's pyplot, drawing to files only; matplotlib is needed just for --plot."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    return plt
-
-
-def save_figure(fig, file, dpi):
-    fig.tight_layout()
-    try:
-        fig.savefig(file, dpi=dpi)
-    except OSError as e:
-        raise UsageError(f"cannot write {file} ({e.strerror})") from None
-
-
 def stage_starts(records, x):
     """x positions where a layer-wise conversion entered a new stage: right after the old stage's last line."""
     return [a[x] for a, b in zip(records, records[1:]) if b["stage"] != a["stage"]]
@@ -122,8 +106,8 @@ def plot_runs(runs, file):
     plt.close(fig)
 
 
-def runs_main(args):
-    runs = [read_run(folder) for folder in args.dirs]
+def runs_main(dirs, args):
+    runs = [read_run(folder) for folder in dirs]
     rows = [summary(r) for r in runs]
     print(f"{'run':32} {'sharing':>12} {'final val':>10} {'best val':>10} {'tokens':>12} {'train s':>9} {'tok/s':>9}")
     for r in rows:
@@ -424,35 +408,45 @@ def layers_main(args):
     print(f"att_share={','.join(map(str, att_sources))}")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other script here
-        raise UsageError(message)
+@dataclass
+class RunsConfig:
+    plot: str = ""                # write the curves to this PNG
+
+
+@dataclass
+class LayersConfig:
+    out_dir: str = ""             # a train.py out_dir (its ckpt.pt and dataset) ...
+    init_from: str = ""           # ... or hf:DIR (a Hugging Face LLaMA) or gguf:FILE
+    dataset: str = ""             # the dataset to evaluate on (default: the checkpoint's)
+    data_dir: str = ""            # where datasets live (default: the checkpoint's, else data)
+    n_producers: int = 0          # how many layers keep their own K/V (attention sharing: their own attention)
+    batches: int = 20             # val batches for the costs (first half of val)
+    heldout_batches: int = 20     # val batches (second half) on which the chosen and fixed specs are judged
+    similarity_batches: int = 4   # of the cost batches, for the similarities
+    batch_size: int = 8
+    block_size: int = 0           # context (default: the run's)
+    seed: int = 1337
+    device: str = "cpu"
+    plot: str = ""                # write the four heat maps to this PNG
 
 
 def main(argv):
-    parser = Parser(description=__doc__.split("\n")[0])
-    modes = parser.add_subparsers(dest="mode", required=True, parser_class=Parser)
-    runs = modes.add_parser("runs", help="loss curves and a table for train.py runs")
-    runs.add_argument("dirs", nargs="+", help="train.py out_dir folders")
-    runs.add_argument("--plot", default="", help="write the curves to this PNG")
-    layers = modes.add_parser("layers", help="which layers can read another layer's K/V or attention most cheaply")
-    layers.add_argument("--out_dir", default="", help="a train.py out_dir (its ckpt.pt and dataset)")
-    layers.add_argument("--init_from", default="", help="hf:DIR (a Hugging Face LLaMA) or gguf:FILE")
-    layers.add_argument("--dataset", default="", help="the dataset to evaluate on (default: the checkpoint's)")
-    layers.add_argument("--data_dir", default="", help="where datasets live (default: the checkpoint's, else data)")
-    layers.add_argument("--n_producers", type=int, required=True,
-                        help="how many layers keep their own K/V (for attention sharing: their own attention)")
-    layers.add_argument("--batches", type=int, default=20, help="val batches for the costs (first half of val)")
-    layers.add_argument("--heldout_batches", type=int, default=20,
-                        help="val batches (second half) on which the chosen and fixed specs are judged")
-    layers.add_argument("--similarity_batches", type=int, default=4, help="of those, for the similarities")
-    layers.add_argument("--batch_size", type=int, default=8)
-    layers.add_argument("--block_size", type=int, default=0, help="context (default: the run's)")
-    layers.add_argument("--seed", type=int, default=1337)
-    layers.add_argument("--device", default="cpu")
-    layers.add_argument("--plot", default="", help="write the three heat maps to this PNG")
-    args = parser.parse_args(argv)
-    (runs_main if args.mode == "runs" else layers_main)(args)
+    """analyze.py runs DIR [DIR ...] [--plot=PNG] | analyze.py layers [config.py] --key=value ..."""
+    mode, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if mode == "runs":
+        dirs = [a for a in rest if not a.startswith("--")]
+        cfg = configure(RunsConfig(), [a for a in rest if a.startswith("--")])
+        if not dirs:
+            raise UsageError("analyze.py runs needs at least one train.py out_dir: analyze.py runs DIR [DIR ...]")
+        runs_main(dirs, cfg)
+    elif mode == "layers":
+        cfg = configure(LayersConfig(), rest)
+        if "n_producers" not in cfg.explicit:
+            raise UsageError("analyze.py layers needs --n_producers=N: how many layers keep their own K/V")
+        layers_main(cfg)
+    else:
+        raise UsageError(f"unknown mode {mode!r}: expected 'runs' (analyze.py runs DIR ...) or 'layers' "
+                         f"(analyze.py layers --key=value ...)")
 
 
 if __name__ == "__main__":

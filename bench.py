@@ -26,9 +26,9 @@ from tqdm import tqdm
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from checkpoint import config_from_dict
-from model import (LLaMA, ModelConfig, UsageError, decode_bytes_per_step, kv_cache_bytes, make_optimizer,
-                   training_flops_per_token)
-from perf import device_peak
+from model import LLaMA, ModelConfig, UsageError, make_optimizer
+from perf import decode_bytes_per_step, device_peak, kv_cache_bytes, training_flops_per_token
+from plotting import pyplot, save_figure
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -343,12 +343,7 @@ def context_list(cfg):
 
 def plot_contexts(results, cfg, file):
     """Decode tokens/s and GB/s against the cached context, one panel per batch size, a line per variant."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     contexts, batches = context_list(cfg), list(dict.fromkeys((1, cfg.decode_batch)))
     fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 7), squeeze=False)
     for col, batch in enumerate(batches):
@@ -363,11 +358,7 @@ def plot_contexts(results, cfg, file):
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{cfg.preset}: decode speed against context, {device_name(cfg)}, {cfg.dtype}", fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(file, dpi=90)
-    except OSError as e:
-        raise UsageError(f"cannot write {file} ({e.strerror})") from None
+    save_figure(fig, file, dpi=90)
     plt.close(fig)
 
 

@@ -1,9 +1,10 @@
 """Settings in one place: the device and dtype defaults (decided once, here), nanoGPT-style configuration
-(`script.py [config_file.py ...] [--key=value ...]`), and the checks that turn a device or dtype this machine
-cannot run into one clear line. train.py, sample.py and bench.py all read their settings through it."""
+(`script.py [config_file.py ...] [--key=value ...]`), the checks that turn a device or dtype this machine
+cannot run into one clear line, and reading a JSON file the same way. Every script reads its settings here."""
 import ast
 import contextlib
 import difflib
+import json
 import os
 import sys
 import types
@@ -61,6 +62,17 @@ def configure(cfg, argv):
                 if not key.startswith("_") and not isinstance(value, types.ModuleType):
                     assign(key, value, arg)
     return cfg
+
+
+def read_json(file, what):
+    """A JSON file, or one clear error naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{file}: {what} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise UsageError(f"{file}: cannot read {what} ({e.strerror})") from None
 
 
 def check_device(device):

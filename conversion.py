@@ -1,4 +1,5 @@
-"""Converting a model to K/V or attention sharing while it trains, the whole story in one place.
+"""Converting a model to K/V or attention sharing, the whole story in one place: the surgery (convert_sharing)
+and the schedule that applies it while a model trains.
 
 One shot: `--kv_share=SPEC` / `--att_share=SPEC` on a loaded model converts it before training starts
 (convert_on_load). Layer-wise, our reconstruction of ECHO's "gradually converting pretrained LLaMA":
@@ -7,8 +8,57 @@ One shot: `--kv_share=SPEC` / `--att_share=SPEC` on a loaded model converts it b
 The schedule is plain data (adaptation_stages), saved in every checkpoint, so a resume continues it exactly.
 """
 import types
+from collections import Counter
+from dataclasses import replace
 
-from model import convert_sharing, projection_owner, resolve_sharing
+import torch
+
+from model import LLaMA, UsageError, resolve_sharing
+
+
+# ----------------------------------------------------------------------------------------------------
+# The surgery: a model with other specs and the same weights
+
+def projection_owner(kv_sources, att_sources, i, w):
+    """The layer whose projection w ('wq', 'wk' or 'wv') layer i attends with."""
+    if w == "wq":
+        return att_sources[i]
+    if w == "wk":  # a K/V consumer's producer, an attention consumer's source's producer, else i itself
+        return kv_sources[att_sources[i]]
+    return kv_sources[i]
+
+
+def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
+    """A new model with these specs (None: as `model` has it) and the weights of `model`. Layers that become
+    consumers lose the projections they no longer use. A layer that computes a projection starts with the one
+    it used so far ('keep': its own, or its old source's), or for K/V with kv_init='mean' the mean of what
+    every layer that will read it used (as MLKV and LCKV initialise a shared projection)."""
+    if kv_init not in ("keep", "mean"):
+        raise UsageError(f"kv_init={kv_init!r}: expected 'keep' or 'mean'")
+    config = replace(model.config, kv_share=model.config.kv_share if kv_share is None else kv_share,
+                     att_share=model.config.att_share if att_share is None else att_share)
+    weight = model.tok_embeddings.weight
+    with torch.device(weight.device):
+        new = LLaMA(config).to(weight.dtype)
+    old, state = model.state_dict(), {}
+    for name in new.state_dict():
+        parts = name.split(".")  # layers.{i}.attention.{w}.weight
+        if parts[0] != "layers" or parts[3] not in ("wq", "wk", "wv"):
+            state[name] = old[name]
+            continue
+        i, w = int(parts[1]), parts[3]
+        readers = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
+        # one vote per reader for the projection it used so far, counted per owner (so that a single owner
+        # is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
+        votes = Counter(projection_owner(model.kv_sources, model.att_sources, j, w) for j in readers)
+        used = [(old[f"layers.{o}.attention.{w}.weight"], n) for o, n in votes.items()]
+        state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(readers)
+    new.load_state_dict(state)
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schedule: one shot on load, or layer by layer while training
 
 
 def convert_on_load(model, cfg):
@@ -28,28 +78,54 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
     """The layer-wise conversion schedule as plain data: a list of stages, each a dict with the model's
     kv_sources and att_sources during the stage and whether only the converted layers train ("freeze").
 
-    The target's consumers (layers that read another layer's K/V or attention) are converted from the top
-    layer down: the first stage converts 1 of them, the next 2, then 4, ... (cumulative counts: each stage
-    keeps the conversions before it), the last adaptation stage all of them. The final entry is the full
-    fine-tuning at the target (never frozen). start: the model's {"kv_sources", "att_sources"}; a target
-    not given keeps the start's sharing of that kind. A layer not yet converted keeps its sources from
-    start, except that what it computes in the target it computes from the first stage on (in a model that
-    already shares, a target source may be a consumer, and a converted layer must read a layer that computes)."""
+    The target's readers (every layer that reads another layer's K/V or attention in it, including any that
+    already read one in start) are converted from the top layer down: 1, then 2, 4, ... of them in all (each
+    stage keeps the conversions before it), the last adaptation stage all of them; then a final entry, the
+    full fine-tuning at the target (never frozen). E.g. echo:7 on 30 layers (layers 23-29 read layer 22):
+        stage 0: 29<-22    stage 1: 28,29<-22    stage 2: 26-29<-22    stage 3: 23-29<-22    final: as stage 3
+    start: the model's {"kv_sources", "att_sources"}; a target not given keeps the start's sharing of that
+    kind. A layer not yet converted keeps its sources from start, except that what it computes in the target
+    it computes from the first stage on (in a model that already shares, a target source may be a consumer,
+    and a converted layer must read a layer that computes)."""
     if not (kv_target or att_target):  # nothing to convert: one stage, the model as it is
         return [{"kv_sources": start["kv_sources"], "att_sources": start["att_sources"], "freeze": False}]
     n = len(start["kv_sources"])
-    spec = lambda target, key: target or ",".join(map(str, start[key]))  # noqa: E731
-    kv, att = resolve_sharing(types.SimpleNamespace(kv_share=spec(kv_target, "kv_sources"),
-                                                    att_share=spec(att_target, "att_sources"), n_layer=n))
+    specs = {key: target or ",".join(map(str, start[f"{key}_sources"]))
+             for key, target in (("kv", kv_target), ("att", att_target))}
+    kv, att = resolve_sharing(types.SimpleNamespace(kv_share=specs["kv"], att_share=specs["att"], n_layer=n))
     target = {"kv_sources": kv, "att_sources": att}
-    consumers = [i for i in reversed(range(n)) if kv[i] != i or att[i] != i]
-    counts = [2 ** k for k in range(len(consumers).bit_length()) if 2 ** k < len(consumers)] + [len(consumers)]
+    readers = [i for i in reversed(range(n)) if kv[i] != i or att[i] != i]  # every consumer of the target, top first
+    counts, c = [], 1  # how many of them are converted in each stage: 1, 2, 4, ..., all
+    while c < len(readers):
+        counts.append(c)
+        c *= 2
+    counts += [len(readers)] if readers else []
 
     def stage(converted, frozen):
-        return {key: [target[key][i] if i in converted else i if target[key][i] == i else start[key][i]
-                      for i in range(n)] for key in target} | {"freeze": frozen}
+        sources = {}
+        for key in target:
+            sources[key] = []
+            for i in range(n):
+                if i in converted or target[key][i] == i:  # as in the target (a target source computes its own)
+                    sources[key].append(target[key][i])
+                else:                                      # not converted yet: as the model started
+                    sources[key].append(start[key][i])
+        return sources | {"freeze": frozen}
 
-    return [stage(consumers[:c], freeze) for c in counts if c] + [stage(consumers, False)]
+    return [stage(readers[:c], freeze) for c in counts] + [stage(readers, False)]
+
+
+def describe_stage(stage, previous):
+    """The layers a stage converts beyond `previous` and what they read, e.g. '26,27<-22 K/V' (layers 26 and 27
+    read layer 22's K/V) or '5<-3 attention'."""
+    changed = []
+    for key, kind in (("kv_sources", "K/V"), ("att_sources", "attention")):
+        by_source = {}
+        for i, (src, before) in enumerate(zip(stage[key], previous[key])):
+            if src != before:
+                by_source.setdefault(src, []).append(str(i))
+        changed += [f"{','.join(layers)}<-{src} {kind}" for src, layers in by_source.items()]
+    return "; ".join(changed) or "no layer"
 
 
 def run_stages(model, cfg, ckpt):
@@ -84,15 +160,18 @@ def resumed_stage(ckpt, iter_num, stages, adapt_iters):
 
 def enter_stage(model, stage, kv_init):
     """Convert the model to the stage's sources (if it is not there yet) and set what trains: all of it,
-    or when the stage freezes, only the converted layers and the projections they now read."""
+    or when the stage freezes, only the layers that read another's and the projections they read. The caller
+    makes a fresh optimizer for the new parameters; the learning rate follows the run's one schedule (warmup
+    and decay over all iterations), so a stage does not re-warm it."""
     if (model.kv_sources, model.att_sources) != (stage["kv_sources"], stage["att_sources"]):
         model = convert_sharing(model, ",".join(map(str, stage["kv_sources"])),
                                 ",".join(map(str, stage["att_sources"])), kv_init)
-    n = len(model.layers)
-    converted = {i for i in range(n) if model.kv_sources[i] != i or model.att_sources[i] != i}
-    read = {f"layers.{projection_owner(model, i, w)}.attention.{w}." for i in converted for w in ("wq", "wk", "wv")}
+    # every layer that reads another layer's K/V or attention, including any that already did when loaded
+    readers = {i for i in range(len(model.layers)) if model.kv_sources[i] != i or model.att_sources[i] != i}
+    read = {f"layers.{projection_owner(model.kv_sources, model.att_sources, i, w)}.attention.{w}."
+            for i in readers for w in ("wq", "wk", "wv")}
     for name, p in model.named_parameters():
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        p.requires_grad_(not stage["freeze"] or layer in converted or any(name.startswith(r) for r in read))
+        p.requires_grad_(not stage["freeze"] or layer in readers or any(name.startswith(r) for r in read))
     return model
 

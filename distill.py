@@ -10,8 +10,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from checkpoint import IMPORTS, load_pretrained
 from model import UsageError
+from pretrained import IMPORTS, load_pretrained
 
 
 def distilling(cfg):

@@ -8,13 +8,13 @@ softmax(q_j k_j^T), i.e. that layer's rotated queries and keys, with its own val
 no K slot, but keeps wv and a V slot. `att_sources[i]` names the layer whose attention layer i reuses.
 
 Parts, top to bottom: config + sharing specs, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU), the
-layer-aware KV cache, what sharing saves (cache bytes, weights, FLOPs), the model, and the conversion
-between specs. Elsewhere: generation (generate.py), checkpoints and the Hugging Face import (checkpoint.py),
-the device's peaks for MFU/MBU (perf.py).
+layer-aware KV cache, the model. Elsewhere: what sharing saves and the device's peaks (perf.py), converting
+a model between specs (conversion.py), generation (generate.py), our checkpoints (checkpoint.py) and weights
+from Hugging Face or GGUF files (pretrained.py).
 """
 import math
-from collections import Counter
-from dataclasses import dataclass, replace
+from collections import namedtuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -158,9 +158,14 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+# What a layer attended with, handed to the layers that read it: rotated queries (B, H, T, hd), rotated keys
+# and values (B, KVH, S, hd), S = T in a full pass or the cache's length through the cache
+Attended = namedtuple("Attended", "q k v")
+
+
 class Attention(nn.Module):
-    """Grouped-query causal attention. `computes` ({"q", "k", "v"} -> bool, see computed_projections) says
-    which projections the layer has; what it does not compute it is handed by the model. Every layer has wo."""
+    """Grouped-query causal attention, for each kind of layer (see forward). `computes` ({"q", "k", "v"} -> bool,
+    see computed_projections) says which projections the layer has; every layer has wo."""
 
     def __init__(self, cfg, computes):
         super().__init__()
@@ -175,23 +180,29 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask, kv=None, qk=None, cache=None, slots=(None, None), input_pos=None):
-        """kv: a producer's (k, v) for a K/V consumer; qk: a source's rotated (q, k) for an attention consumer.
-        What the layer is not handed it computes, writing its keys (values) to cache slot slots[0] (slots[1]).
-        Returns (output, (q, k, v)): what this layer attended with, for the layers that read it."""
+    def project(self, w, x, heads):
+        return w(x).view(x.size(0), x.size(1), heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+
+    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None):
+        """reads: what this layer takes from another, None (nothing), "kv" or "att"; given: what that layer
+        attended with (an Attended). Keys and values it computes are written to cache slots slots[0] and
+        slots[1] when there is a cache; keys are rotated once, here, so readers get them rotated.
+        Returns (output, Attended)."""
         B, T, _ = x.shape
-        if qk is not None:  # the source's attention pattern: its rotated queries and keys
-            q, k = qk
-        else:
-            q, k = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin), None
-        if kv is not None:
-            k, v = kv
-        else:
-            if k is None:  # project and rotate the keys once, here; readers get them rotated
-                k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
-                k = k if cache is None else cache.write(cache.k, slots[0], input_pos, k)  # (B, KVH, S, hd)
-            v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
-            v = v if cache is None else cache.write(cache.v, slots[1], input_pos, v)      # (B, KVH, S, hd)
+
+        def cached(which, t):  # without a cache t itself; with one, t written at input_pos and the whole slot
+            return t if cache is None else cache.write(which, slots[which == "v"], input_pos, t)  # (B, KVH, S, hd)
+
+        if reads is None:                  # a plain layer: its own queries, keys and values
+            q = apply_rope(self.project(self.wq, x, self.n_head), cos, sin)
+            k = cached("k", apply_rope(self.project(self.wk, x, self.n_kv_head), cos, sin))
+            v = cached("v", self.project(self.wv, x, self.n_kv_head))
+        elif reads == "kv":                # K/V consumer: its own queries, its producer's keys and values
+            q = apply_rope(self.project(self.wq, x, self.n_head), cos, sin)
+            k, v = given.k, given.v
+        else:                              # attention consumer: its source's queries and keys (the source's own,
+            q, k = given.q, given.k        # or, if the source is a K/V consumer, its producer's), its own values
+            v = cached("v", self.project(self.wv, x, self.n_kv_head))
         # is_causal=True masks the top-left triangle of the (T, S) scores: right when the queries start at
         # position 0 (T == S), wrong for T new queries at the end of a longer cache, which need the bottom rows
         if mask is None:  # a full pass from position 0: SDPA's own causal mask
@@ -200,7 +211,7 @@ class Attention(nn.Module):
         else:             # through the cache, at an offset: an explicit mask (T, S)
             y = attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                # (B, T, H*hd)
-        return F.dropout(self.wo(y), self.dropout, self.training), (q, k, v)
+        return F.dropout(self.wo(y), self.dropout, self.training), Attended(q, k, v)
 
 
 def attend_masked(q, k, v, mask):
@@ -238,10 +249,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None, qk=None, cache=None, slots=(None, None), input_pos=None):
-        a, qkv = self.attention(self.attention_norm(x), cos, sin, mask, kv, qk, cache, slots, input_pos)
+    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None):
+        a, attended = self.attention(self.attention_norm(x), cos, sin, mask, reads, given, cache, slots, input_pos)
         x = x + a
-        return x + self.feed_forward(self.ffn_norm(x)), qkv
+        return x + self.feed_forward(self.ffn_norm(x)), attended
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,10 +267,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros((n_v_slots, *shape), dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
-    @staticmethod
-    def write(buffer, slot, input_pos, x):
-        """Write x (B, KVH, T, hd) at positions input_pos (T,) of buffer[slot]; return the slot's whole
-        (B, KVH, S, hd). The cache keeps its own dtype (under autocast x may arrive in another)."""
+    def write(self, which, slot, input_pos, x):
+        """Write x (B, KVH, T, hd) at positions input_pos (T,) of K (which="k") or V slot `slot`; return the
+        slot's whole (B, KVH, S, hd). The cache keeps its own dtype (under autocast x may arrive in another)."""
+        buffer = self.k if which == "k" else self.v
         buffer[slot][:, :, input_pos] = x.to(buffer.dtype)
         return buffer[slot]
 
@@ -273,88 +284,6 @@ def cache_slots(computes):
     k_layers, v_layers = ([i for i, c in enumerate(computes) if c[p]] for p in ("k", "v"))
     return [(k_layers.index(i) if c["k"] else None, v_layers.index(i) if c["v"] else None)
             for i, c in enumerate(computes)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# What sharing saves, side by side: cache bytes, matmul weights, FLOPs and bytes read per token. It all follows
-# from one count, how many layers compute their own q, k and v (a K/V consumer computes only q, an attention
-# consumer only v). Every layer still attends, so the attention FLOP term keeps all n_layer layers (PaLM
-# appendix B, as nanoGPT): the consumers' scores are recomputed, not stored.
-
-def projection_counts(cfg):
-    """How many layers compute their own queries, keys and values: {'q': .., 'k': .., 'v': ..}."""
-    computes = computed_projections(*resolve_sharing(cfg))
-    return {p: sum(c[p] for c in computes) for p in ("q", "k", "v")}
-
-
-def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
-    """Closed form: (K slots + V slots) x batch x positions x KV heads x head_dim x element size."""
-    n = projection_counts(cfg)
-    return (n["k"] + n["v"]) * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
-
-
-def matmul_params(cfg):
-    """Weights that take part in a matmul per token: attention and MLP projections and the LM head. Sharing
-    removes projections (wq and wk of attention consumers, wk and wv of K/V consumers); every layer keeps wo."""
-    d, n = cfg.n_embd, projection_counts(cfg)
-    q, kv = d * cfg.n_head * cfg.head_dim, d * cfg.n_kv_head * cfg.head_dim
-    wo_mlp = d * cfg.n_head * cfg.head_dim + 3 * d * cfg.intermediate_size
-    return n["q"] * q + (n["k"] + n["v"]) * kv + cfg.n_layer * wo_mlp + d * cfg.vocab_size
-
-
-def training_flops_per_token(cfg, seq_len, frozen=frozenset()):
-    """Forward + backward FLOPs per token of a training step. Forward: 2 per matmul weight (multiply + add),
-    and per layer, head and position 4 for attention's two matmuls (scores, mixing). Backward: each matmul's
-    input gradient (2 per weight) and weight gradient (2), attention's four (dQ, dK, dP, dV: 8). With
-    everything training that is 6 per weight and 12 for attention (PaLM appendix B, as nanoGPT). Every layer
-    keeps the attention term: an attention consumer recomputes its source's scores (they are not stored).
-    frozen: names of parameters that do not train (adapt_freeze). Autograd then computes only the gradients
-    that lead to a trained weight: a frozen weight gets no weight gradient, and nothing below the lowest
-    trained weight runs backward at all. So this follows, tensor by tensor, which ones need a gradient."""
-    kv_sources, att_sources = resolve_sharing(cfg)
-    d, hd, inner = cfg.n_embd, cfg.head_dim, cfg.intermediate_size
-    size = {"wq": d * cfg.n_head * hd, "wk": d * cfg.n_kv_head * hd, "wv": d * cfg.n_kv_head * hd,
-            "wo": cfg.n_head * hd * d, "w1": d * inner, "w3": d * inner, "w2": inner * d}
-    att = 2 * cfg.n_head * hd * seq_len  # one of attention's matmuls, per token
-
-    def trains(name):
-        return name not in frozen
-
-    def matmul(weight, input_needs_grad, name):
-        """FLOPs of one matmul weight (forward, input gradient, weight gradient) and whether its output needs one."""
-        return 2 * weight * (1 + input_needs_grad + trains(name)), input_needs_grad or trains(name)
-
-    flops, x_grad, grads = 0, trains("tok_embeddings.weight"), []  # grads[j]: which of layer j's q, k, v need one
-    for i, computes in enumerate(computed_projections(kv_sources, att_sources)):
-        p = f"layers.{i}."
-        normed = x_grad or trains(p + "attention_norm.weight")
-        g = {}
-        for w in ("q", "k", "v"):
-            if computes[w]:
-                f, g[w] = matmul(size["w" + w], normed, f"{p}attention.w{w}.weight")
-                flops += f
-            else:  # read from the source: q and k from the attention source, k and v from the K/V producer
-                g[w] = grads[att_sources[i] if w == "q" or (w == "k" and att_sources[i] != i) else kv_sources[i]][w]
-        grads.append(g)
-        flops += 2 * att + att * (g["v"] + g["q"] + g["k"] + (g["q"] or g["k"]))  # forward; dV, dQ, dK, dP
-        f, out_grad = matmul(size["wo"], g["q"] or g["k"] or g["v"], p + "attention.wo.weight")
-        x_grad = x_grad or out_grad
-        normed = x_grad or trains(p + "ffn_norm.weight")
-        f1, h1 = matmul(size["w1"], normed, p + "feed_forward.w1.weight")
-        f3, h3 = matmul(size["w3"], normed, p + "feed_forward.w3.weight")
-        f2, out_grad = matmul(size["w2"], h1 or h3, p + "feed_forward.w2.weight")
-        flops, x_grad = flops + f + f1 + f3 + f2, x_grad or out_grad
-    head = "tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"
-    return flops + matmul(d * cfg.vocab_size, x_grad or trains("norm.weight"), head)[0]
-
-
-def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
-    """Bytes one decode step must read: every weight once (of the embedding table only the B rows looked
-    up, unless the head is tied to it) plus every K and V slot of the cache over `context` positions.
-    Consumers read their source's slots, which are counted once: this is the least traffic possible."""
-    d = cfg.n_embd
-    weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
-    return weights * bytes_per_element + kv_cache_bytes(cfg, batch_size, context, bytes_per_element)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,18 +338,19 @@ class LLaMA(nn.Module):
         c = self.kv_cache
         if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
-        n = projection_counts(self.config)
-        self.kv_cache = KVCache(n["k"], n["v"], batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+        n_k, n_v = (sum(s is not None for s in slots) for slots in zip(*self.slots))
+        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                 dtype, device)
 
     def layer_step(self, i, x, seen, cos, sin, mask=None, cache=None, input_pos=None):
-        """Run layer i on the residual stream x, handing it what it reads from the layers below it;
-        seen[j] is the (q, k, v) layer j attended with, and layer i's is appended."""
+        """Run layer i on the residual stream x, handing it what the layer it reads attended with (a K/V
+        consumer takes its k and v, an attention consumer its q and k); seen[j] is layer j's Attended, and
+        layer i's is appended."""
         kv_src, att_src = self.kv_sources[i], self.att_sources[i]
-        kv = seen[kv_src][1:] if kv_src != i else None     # a K/V consumer: its producer's k, v
-        qk = seen[att_src][:2] if att_src != i else None   # an attention consumer: its source's q, k
-        x, qkv = self.layers[i](x, cos, sin, mask, kv, qk, cache, self.slots[i], input_pos)
-        seen.append(qkv)
+        reads = "kv" if kv_src != i else "att" if att_src != i else None  # a layer reads at most one kind
+        given = seen[kv_src if reads == "kv" else att_src] if reads else None
+        x, attended = self.layers[i](x, cos, sin, mask, reads, given, cache, self.slots[i], input_pos)
+        seen.append(attended)
         return x
 
     def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=()):
@@ -444,7 +374,7 @@ class LLaMA(nn.Module):
             # query at position p sees cached keys 0..p; explicit, because is_causal would align top-left
             mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
         x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
-        seen, hidden = [], []  # seen[j] = the (q, k, v) layer j attended with in this pass
+        seen, hidden = [], []  # seen[j] = what layer j attended with in this pass
         for i in range(len(self.layers)):
             x = self.layer_step(i, x, seen, cos, sin, mask, cache, input_pos)
             if i in hidden_at:
@@ -465,44 +395,3 @@ def make_optimizer(model, learning_rate, weight_decay, betas):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Conversion between sharing specs (how a pretrained model becomes an ECHO or EchoAtt model)
-
-def projection_owner(model, i, w):
-    """The layer whose projection w ('wq', 'wk' or 'wv') layer i's attention uses in `model`."""
-    if w == "wq":
-        return model.att_sources[i]
-    if w == "wk":  # a K/V consumer's producer, an attention consumer's source's producer, else i itself
-        return model.kv_sources[model.att_sources[i]]
-    return model.kv_sources[i]
-
-
-def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
-    """A new model with these specs (None: as `model` has it) and the weights of `model`. Layers that become
-    consumers lose the projections they no longer use. A layer that computes a projection starts with the one
-    it used so far ('keep': its own, or its old source's), or for K/V with kv_init='mean' the mean of what
-    every layer that will read it used (as MLKV and LCKV initialise a shared projection)."""
-    if kv_init not in ("keep", "mean"):
-        raise UsageError(f"kv_init={kv_init!r}: expected 'keep' or 'mean'")
-    config = replace(model.config, kv_share=model.config.kv_share if kv_share is None else kv_share,
-                     att_share=model.config.att_share if att_share is None else att_share)
-    weight = model.tok_embeddings.weight
-    with torch.device(weight.device):
-        new = LLaMA(config).to(weight.dtype)
-    old, state = model.state_dict(), {}
-    for name in new.state_dict():
-        parts = name.split(".")  # layers.{i}.attention.{w}.weight
-        if parts[0] != "layers" or parts[3] not in ("wq", "wk", "wv"):
-            state[name] = old[name]
-            continue
-        i, w = int(parts[1]), parts[3]
-        readers = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
-        # one vote per reader for the projection it used so far, counted per owner (so that a single owner
-        # is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
-        votes = Counter(projection_owner(model, j, w) for j in readers)
-        used = [(old[f"layers.{o}.attention.{w}.weight"], n) for o, n in votes.items()]
-        state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(readers)
-    new.load_state_dict(state)
-    return new

@@ -1,14 +1,95 @@
-"""MFU and MBU: what a step computes or reads, over the device's limit. MFU = step_flops x tokens/s / peak
-FLOP/s (training is compute-bound: against a matmul peak); MBU = decode bytes/s / peak bytes/s (batch-1
-decode is bandwidth-bound: against a memory peak). The peak is a datasheet's for a listed GPU, else measured
-here, so the figures mean the same on any machine. The per-token counts themselves are model.py's
-(training_flops_per_token, decode_bytes_per_step)."""
+"""What a model costs, and what the device can do, side by side: MFU = training FLOPs per token x tokens/s / peak
+FLOP/s (training is compute-bound: against a matmul peak); MBU = decode bytes per step / step time / peak
+bytes/s (batch-1 decode is bandwidth-bound: against a memory peak). Top: the counts (cache bytes, matmul
+weights, FLOPs, bytes a decode step reads), each following from which layers compute their own q, k and v.
+Bottom: the peaks, a datasheet's for a listed GPU, else measured here, so the figures mean the same on any
+machine."""
 import functools
 import time
 
 import torch
 
-from model import training_flops_per_token
+from conversion import projection_owner
+from model import computed_projections, resolve_sharing
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a model computes and reads. A K/V consumer computes only q, an attention consumer only v. Every layer
+# still attends, so the attention FLOP term keeps all n_layer layers (PaLM appendix B, as nanoGPT): a
+# consumer's scores are recomputed in training, not stored.
+
+def projection_counts(cfg):
+    """How many layers compute their own queries, keys and values: {'q': .., 'k': .., 'v': ..}."""
+    computes = computed_projections(*resolve_sharing(cfg))
+    return {p: sum(c[p] for c in computes) for p in ("q", "k", "v")}
+
+
+def kv_cache_bytes(cfg, batch_size, max_len, bytes_per_element=2):
+    """Closed form: (K slots + V slots) x batch x positions x KV heads x head_dim x element size."""
+    n = projection_counts(cfg)
+    return (n["k"] + n["v"]) * batch_size * max_len * cfg.n_kv_head * cfg.head_dim * bytes_per_element
+
+
+def matmul_params(cfg):
+    """Weights that take part in a matmul per token: attention and MLP projections and the LM head. Sharing
+    removes projections (wq and wk of attention consumers, wk and wv of K/V consumers); every layer keeps wo."""
+    d, n = cfg.n_embd, projection_counts(cfg)
+    q, kv = d * cfg.n_head * cfg.head_dim, d * cfg.n_kv_head * cfg.head_dim
+    wo_mlp = d * cfg.n_head * cfg.head_dim + 3 * d * cfg.intermediate_size
+    return n["q"] * q + (n["k"] + n["v"]) * kv + cfg.n_layer * wo_mlp + d * cfg.vocab_size
+
+
+def training_flops_per_token(cfg, seq_len, frozen=frozenset()):
+    """Forward + backward FLOPs per token of a training step. Forward: 2 per matmul weight (multiply + add),
+    and per layer, head and position 4 for attention's two matmuls (scores, mixing). Backward: each matmul's
+    input gradient (2 per weight) and weight gradient (2), attention's four (dQ, dK, dP, dV: 8). With
+    everything training that is 6 per weight and 12 for attention (PaLM appendix B, as nanoGPT).
+    frozen: names of parameters that do not train (adapt_freeze). Autograd then computes only the gradients
+    that lead to a trained weight: a frozen weight gets no weight gradient, and nothing below the lowest
+    trained weight runs backward at all. So this follows, tensor by tensor, which ones need a gradient."""
+    kv_sources, att_sources = resolve_sharing(cfg)
+    d, hd, inner = cfg.n_embd, cfg.head_dim, cfg.intermediate_size
+    size = {"wq": d * cfg.n_head * hd, "wk": d * cfg.n_kv_head * hd, "wv": d * cfg.n_kv_head * hd,
+            "wo": cfg.n_head * hd * d, "w1": d * inner, "w3": d * inner, "w2": inner * d}
+    att = 2 * cfg.n_head * hd * seq_len  # one of attention's matmuls, per token
+
+    def trains(name):
+        return name not in frozen
+
+    def matmul(weight, input_needs_grad, name):
+        """FLOPs of one matmul weight (forward, input gradient, weight gradient) and whether its output needs one."""
+        return 2 * weight * (1 + input_needs_grad + trains(name)), input_needs_grad or trains(name)
+
+    flops, x_grad = 0, trains("tok_embeddings.weight")  # x_grad: whether the residual stream needs a gradient
+    needs_grad = {}  # (layer, "wq"/"wk"/"wv"): whether that layer's projection output needs a gradient
+    for i, computes in enumerate(computed_projections(kv_sources, att_sources)):
+        p = f"layers.{i}."
+        normed = x_grad or trains(p + "attention_norm.weight")
+        for w in ("wq", "wk", "wv"):
+            if computes[w[1]]:
+                f, needs_grad[i, w] = matmul(size[w], normed, f"{p}attention.{w}.weight")
+                flops += f
+        # the q, k, v this layer attends with, wherever they were computed
+        q, k, v = (needs_grad[projection_owner(kv_sources, att_sources, i, w), w] for w in ("wq", "wk", "wv"))
+        flops += 2 * att + att * (v + q + k + (q or k))  # forward; dV, dQ, dK, dP
+        f, out_grad = matmul(size["wo"], q or k or v, p + "attention.wo.weight")
+        x_grad = x_grad or out_grad
+        normed = x_grad or trains(p + "ffn_norm.weight")
+        f1, h1 = matmul(size["w1"], normed, p + "feed_forward.w1.weight")
+        f3, h3 = matmul(size["w3"], normed, p + "feed_forward.w3.weight")
+        f2, out_grad = matmul(size["w2"], h1 or h3, p + "feed_forward.w2.weight")
+        flops, x_grad = flops + f + f1 + f3 + f2, x_grad or out_grad
+    head = "tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"
+    return flops + matmul(d * cfg.vocab_size, x_grad or trains("norm.weight"), head)[0]
+
+
+def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
+    """Bytes one decode step must read: every weight once (of the embedding table only the B rows looked
+    up, unless the head is tied to it) plus every K and V slot of the cache over `context` positions.
+    Consumers read their source's slots, which are counted once: this is the least traffic possible."""
+    d = cfg.n_embd
+    weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
+    return weights * bytes_per_element + kv_cache_bytes(cfg, batch_size, context, bytes_per_element)
 
 
 def step_flops(model, teacher, seq_len):
@@ -18,6 +99,10 @@ def step_flops(model, teacher, seq_len):
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     return training_flops_per_token(model.config, seq_len, frozen) + (
         training_flops_per_token(teacher.config, seq_len) / 3 if teacher is not None else 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device's limits
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core FLOP/s, vendor datasheets. A key matches a device name that
     # contains each of its *-separated parts (any case); the longest matching key wins.

@@ -11,11 +11,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from checkpoint import IMPORTS, import_pretrained, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, DTYPE, check_device, configure, precision, run_main
 from data.common import bpe_meta, tokenizer_from_meta
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
-from model import UsageError, kv_cache_bytes
+from model import UsageError
+from perf import kv_cache_bytes
+from pretrained import IMPORTS, import_pretrained
 
 
 @dataclass
@@ -138,7 +140,7 @@ def sample(cfg, out=None):
         "kv_cache_bytes": model.kv_cache.nbytes,
         "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none", att_share="none"),
                                                   cfg.num_samples, model.kv_cache.max_len, elem),
-        "producers": model.kv_cache.v.size(0), "k_slots": model.kv_cache.k.size(0), "n_layer": model.config.n_layer,
+        "k_slots": model.kv_cache.k.size(0), "v_slots": model.kv_cache.v.size(0), "n_layer": model.config.n_layer,
     }
     return texts, stats
 
@@ -146,8 +148,8 @@ def sample(cfg, out=None):
 def summary(s):
     return (f"{s['samples'] * s['new_tokens']} tokens ({s['samples']} x {s['new_tokens']}) | prefill "
             f"{s['prefill_tokens_per_s']:,.0f} tok/s | decode {s['decode_tokens_per_s']:,.1f} tok/s | KV cache "
-            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['k_slots']} K and {s['producers']} V slots for "
-            f"{s['n_layer']} layers; "
+            f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['k_slots']} of {s['n_layer']} layers cache K, "
+            f"{s['v_slots']} cache V; "
             f"without sharing {s['kv_cache_bytes_unshared'] / 2**20:.2f} MiB)")
 
 

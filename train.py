@@ -18,14 +18,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (IMPORTS, config_from_dict, load_checkpoint, load_pretrained, model_from_checkpoint,
-                        restore_training_state, rng_state, same_tokens, save_checkpoint)
+from checkpoint import (config_from_dict, load_checkpoint, model_from_checkpoint, restore_training_state, rng_state,
+                        same_tokens, save_checkpoint)
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
-from conversion import convert_on_load, enter_stage, resumed_stage, run_stages, stage_at
+from conversion import convert_on_load, describe_stage, enter_stage, resumed_stage, run_stages, stage_at
 from data.loader import batch_generator, get_batch, load_dataset
 from distill import block_outputs, check_distill_settings, load_teacher, teacher_source, training_loss
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
 from perf import device_peak, step_flops
+from pretrained import IMPORTS, load_pretrained
 from runlog import RunLog
 
 
@@ -216,7 +217,8 @@ def build(model, stage, cfg, ddp):
     optimizer = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if cfg.compile:
         # every stage is a new module with the same forward code: without a reset, each stage's compiles
-        # (training + no-grad eval) pile up on that code until dynamo's recompile limit turns it eager
+        # (training + no-grad eval) pile up on that code until dynamo's recompile limit turns it eager. The
+        # reset also drops a compiled teacher's code: it recompiles on its next call (once per stage)
         torch._dynamo.reset()
         model = torch.compile(raw)
     else:
@@ -278,9 +280,11 @@ def train(cfg):
         log = RunLog(cfg.out_dir, cfg.max_iters, iter_num, resumed=cfg.init_from == "resume")
         print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_sources={raw_model.kv_sources}, "
               f"att_sources={raw_model.att_sources}")
-        if len(stages) > 1:
+        if len(stages) > 1:  # each stage against the one before it (the first against every layer its own)
+            plain = {key: list(range(len(raw_model.layers))) for key in ("kv_sources", "att_sources")}
             print(f"layer-wise conversion: {len(stages) - 1} stages of {cfg.adapt_iters} iterations, then full "
-                  f"fine-tuning; stages: {stages}")
+                  f"fine-tuning; " + " | ".join(f"stage {n}: {describe_stage(st, before)}"
+                                                for n, (st, before) in enumerate(zip(stages[:-1], [plain] + stages))))
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
 
@@ -314,8 +318,8 @@ def train(cfg):
             stage = stage_at(iter_num, stages, cfg.adapt_iters)
             raw_model, model, optimizer = build(raw_model, stages[stage], cfg, ddp)
             if master:
-                log.say(f"stage {stage}: kv_sources={raw_model.kv_sources}, att_sources={raw_model.att_sources}"
-                        + (" (full fine-tuning)" if stage == len(stages) - 1 else ""))
+                log.say(f"stage {stage}: " + ("full fine-tuning" if stage == len(stages) - 1 else
+                                              f"converts {describe_stage(stages[stage], stages[stage - 1])}"))
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr

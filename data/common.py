@@ -84,7 +84,7 @@ def bpe_meta(name):
     if name.startswith("hf:"):
         return hf_meta(name[3:])
     if name.startswith("gguf:"):
-        from checkpoint import gguf_meta  # the GGUF reader lives with the model import
+        from pretrained import gguf_meta  # the GGUF reader lives with the model import
         from model import UsageError
         try:
             return gguf_meta(name[5:])

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import torch
 
-from checkpoint import read_json
+from configurator import read_json
 from model import UsageError
 
 

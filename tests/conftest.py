@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.common import char_meta, chunked, write_dataset  # noqa: E402
-from checkpoint import GGUF_LAYER_NAMES  # noqa: E402
+from pretrained import GGUF_LAYER_NAMES  # noqa: E402
 from configurator import configure  # noqa: E402
 from train import TrainConfig, train
 

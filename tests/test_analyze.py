@@ -43,8 +43,12 @@ def test_runs_table_and_plot(two_runs, tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["runs", "/no/such/run"], "/no/such/run: no such run folder"),
     (["runs", "."], ". has no log.jsonl"),
-    (["nonsense"], "invalid choice: 'nonsense'"),
-    (["runs"], "the following arguments are required: dirs"),
+    (["nonsense"], "unknown mode 'nonsense'"),
+    (["runs"], "analyze.py runs needs at least one train.py out_dir"),
+    (["layers", "--out_dir=x", "--n_producer=2"], "unknown config key 'n_producer' in --n_producer=2 (did you mean 'n_producers'?)"),
+    (["layers", "--out_dir=x", "--n_producers=two"], "n_producers='two' in --n_producers=two: expected int, got str"),
+    (["layers", "--out_dir=x"], "analyze.py layers needs --n_producers=N"),
+    (["runs", ".", "--plots=a.png"], "unknown config key 'plots'"),
 ])
 def test_bad_input_is_one_line(argv, match):
     r = subprocess.run([sys.executable, "analyze.py", *argv], capture_output=True, text=True, cwd=ROOT)
@@ -156,7 +160,7 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
     import torch
     from analyze import get_batch, mean_loss, share_costs
     from checkpoint import load_checkpoint, model_from_checkpoint
-    from model import convert_sharing
+    from conversion import convert_sharing
     from configurator import configure
     from data.loader import load_dataset
     from train import TrainConfig

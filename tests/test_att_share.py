@@ -7,8 +7,9 @@ import torch
 
 from conftest import read_log, run
 from checkpoint import load_checkpoint
-from model import (LLaMA, ModelConfig, UsageError, apply_rope, convert_sharing, kv_cache_bytes, matmul_params,
-                   resolve_sharing)
+from conversion import convert_sharing
+from model import LLaMA, ModelConfig, UsageError, apply_rope, resolve_sharing
+from perf import kv_cache_bytes, matmul_params
 
 MIXED = [  # (kv_share, att_share) on 5 layers: attention sharing alone, and mixed with K/V sharing
     ("none", "0,0,2,2,2"),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import HF_LAYER_NAMES, HF_NAMES
+from pretrained import HF_LAYER_NAMES, HF_NAMES
 from conftest import ROOT, bpe_tokenizer, run, tiny_args, write_gguf
 from model import LLaMA, ModelConfig
 

@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-from checkpoint import from_pretrained, load_checkpoint
+from checkpoint import load_checkpoint
+from pretrained import from_pretrained
 from conftest import ROOT, TEXT, kv_stages, read_log, run
-from model import LLaMA, UsageError, convert_sharing
+from conversion import convert_sharing
+from model import LLaMA, UsageError
 from sample import SampleConfig, sample
 
 transformers = pytest.importorskip("transformers")  # test-only: builds the reference model
@@ -191,7 +193,7 @@ def test_finetune_imported_model_on_its_own_tokens_then_sample(hf_dir, tmp_path)
     assert ckpt["model_args"]["n_embd"] == 64 and ckpt["model_args"]["kv_share"] == "echo:2"
     texts, stats = sample(SampleConfig(out_dir=str(tmp_path / "ft"), device="cpu", dtype="float32", num_samples=1,
                                        max_new_tokens=8, start="Give me"))
-    assert texts[0].startswith("Give me") and stats["producers"] == 2
+    assert texts[0].startswith("Give me") and stats["v_slots"] == 2
     texts, _ = sample(SampleConfig(init_from=f"hf:{hf_dir}", device="cpu", dtype="float32", num_samples=2,
                                    max_new_tokens=5, start="Speak"))
     assert len(texts) == 2 and texts[0].startswith("Speak")

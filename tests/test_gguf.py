@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import from_pretrained, gguf_meta, import_pretrained, load_gguf_llama
+from pretrained import from_pretrained, gguf_meta, import_pretrained, load_gguf_llama
 from conftest import TEXT, bpe_tokenizer, write_gguf
 from data.common import tokenizer_from_meta
 from generate import generate
@@ -108,8 +108,8 @@ def test_without_undoing_the_rope_permutation_every_logit_is_wrong(tmp_path, mon
     """The permutation is what makes the import right: shapes fit without it, the logits do not."""
     source = random_model(tied=True)
     write_gguf(tmp_path / "m.gguf", source)
-    import checkpoint
-    monkeypatch.setattr(checkpoint, "unpermute_rope_rows", lambda w, n_heads: w)
+    import pretrained
+    monkeypatch.setattr(pretrained, "unpermute_rope_rows", lambda w, n_heads: w)
     wrong = load_gguf_llama(str(tmp_path / "m.gguf")).eval()
     idx = torch.randint(0, SMALL.vocab_size, (1, 20))
     assert (logits(wrong, idx)[0, 1:] - logits(source, idx)[0, 1:]).abs().max() > 1e-3  # position 0 has no rotation
@@ -238,6 +238,6 @@ def test_smollm2_cached_greedy_equals_recomputing(smollm2_model):
 
 
 def import_pretrained_converted(model):
-    from model import convert_sharing
+    from conversion import convert_sharing
     return convert_sharing(model, kv_share="echo:3", att_share="0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,"
                                                                "20,21,22,23,23,25,26,27,28,29").eval()

@@ -29,7 +29,8 @@ def imports_of(path, modules):
 
 def test_no_module_imports_a_script():
     modules = local_modules()
-    assert SCRIPTS <= set(modules) and {"model", "checkpoint", "conversion", "distill", "data.loader"} <= set(modules)
+    assert SCRIPTS <= set(modules) and {"model", "checkpoint", "pretrained", "perf", "conversion", "distill",
+                                        "data.loader"} <= set(modules)
     for name, path in modules.items():
         assert not imports_of(path, modules) & SCRIPTS, f"{name} imports the script(s) {imports_of(path, modules) & SCRIPTS}"
 
@@ -44,3 +45,43 @@ def test_there_is_no_import_circle():
     circles = sorted(name for name in graph if reaches(name, name))
     assert not circles, f"modules on an import circle: {circles}"
     assert graph["model"] == set()  # the model stands alone: everything else builds on it
+
+
+def defined_names(path):
+    """The functions, classes and constants a module defines at its top level."""
+    names = set()
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+# one job per file: each idea defined in the module that holds that job, and nowhere else
+JOBS = {
+    "perf": {"projection_counts", "kv_cache_bytes", "matmul_params", "training_flops_per_token",
+             "decode_bytes_per_step", "step_flops", "device_peak"},                        # what it costs
+    "conversion": {"convert_sharing", "projection_owner", "adaptation_stages", "enter_stage"},  # the surgery
+    "pretrained": {"load_hf_llama", "load_gguf_llama", "gguf_meta", "hf_config", "gguf_config", "import_pretrained",
+                   "from_pretrained", "load_pretrained", "HF_NAMES", "GGUF_NAMES", "IMPORTS"},  # weights from elsewhere
+    "checkpoint": {"save_checkpoint", "load_checkpoint", "restore_training_state", "rng_state"},  # our checkpoints
+}
+
+
+def test_each_job_lives_in_its_own_module():
+    modules = local_modules()
+    defined = {name: defined_names(path) for name, path in modules.items()}
+    for home, names in JOBS.items():
+        assert names <= defined[home], f"{home}.py lacks {names - defined[home]}"
+        for other, there in defined.items():
+            assert other == home or not names & there, f"{other}.py defines {names & there}, which is {home}.py's job"
+    # the model file is config, sharing specs, pieces, cache and LLaMA: no costs, no surgery, no file formats
+    assert {"ModelConfig", "resolve_sources", "computed_projections", "Attention", "KVCache", "LLaMA"} <= defined["model"]
+
+
+def test_data_reads_no_checkpoint_code():
+    modules = local_modules()
+    for name, path in modules.items():
+        if name.startswith("data."):
+            assert "checkpoint" not in imports_of(path, modules), f"{name} imports checkpoint"

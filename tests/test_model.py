@@ -6,7 +6,8 @@ import torch
 
 from checkpoint import config_from_dict
 from generate import generate
-from model import LLaMA, ModelConfig, UsageError, kv_cache_bytes, resolve_sources, training_flops_per_token
+from model import LLaMA, ModelConfig, UsageError, resolve_sources
+from perf import kv_cache_bytes, training_flops_per_token
 
 SPECS = ["none", "echo:3", "cla:2", "0,0,2,2,2,5"]
 

@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import variant_sharing
 from generate import cache_len, compile_decode_step, generate_tokens
-from model import LLaMA, ModelConfig, matmul_params, training_flops_per_token
+from model import LLaMA, ModelConfig
+from perf import matmul_params, training_flops_per_token
 
 SHAPES = [  # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
     (6, 6, True), (6, 2, False), (6, 3, True), (6, 1, False)]

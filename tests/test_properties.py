@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (LLaMA, ModelConfig, convert_sharing, kv_cache_bytes, matmul_params, resolve_sharing,
-                   training_flops_per_token)
-from conversion import adaptation_stages
+from conversion import adaptation_stages, convert_sharing
+from model import LLaMA, ModelConfig, resolve_sharing
+from perf import kv_cache_bytes, matmul_params, training_flops_per_token
 
 PROFILE = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,7 +11,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, run
 from data.common import tokenizer_from_meta
 from generate import sample_logits
-from model import UsageError, kv_cache_bytes
+from model import UsageError
+from perf import kv_cache_bytes
 from sample import SampleConfig, sample
 from test_model import naive_greedy
 
@@ -55,7 +56,7 @@ def test_summary_reports_cache_bytes_by_formula(ckpt_dir):
     max_len = len("Give me") + 10
     assert stats["kv_cache_bytes"] == kv_cache_bytes(model_cfg, 3, max_len, bytes_per_element=4)
     assert stats["kv_cache_bytes_unshared"] == kv_cache_bytes(replace(model_cfg, kv_share="none"), 3, max_len, 4)
-    assert stats["kv_cache_bytes"] * 3 == stats["kv_cache_bytes_unshared"] * stats["producers"]
+    assert stats["kv_cache_bytes"] * 3 == stats["kv_cache_bytes_unshared"] * stats["v_slots"]
 
 
 def test_streaming_one_sample_prints_the_text(ckpt_dir):

@@ -10,6 +10,7 @@ from configurator import configure
 from conftest import ROOT, read_log, run, tiny_args
 import model as model_module
 from model import UsageError
+from perf import training_flops_per_token
 from train import TrainConfig
 
 @pytest.mark.parametrize("kv_share", ["none", "echo:1", "cla:2", "0,0,2,2"])
@@ -130,7 +131,7 @@ def test_mfu_is_printed_with_the_peak_it_is_against(data_dir, tmp_path, capsys):
     run(data_dir, tmp_path / "b", max_iters=10, log_interval=5, peak_flops=1e9)
     given = [r for r in read_log(tmp_path / "b") if "loss" in r]
     assert given[-1]["mfu_of"] == "given 1 GFLOP/s" and given[-1]["mfu"] == pytest.approx(
-        given[-1]["tokens_per_s"] * model_module.training_flops_per_token(
+        given[-1]["tokens_per_s"] * training_flops_per_token(
             model_module.ModelConfig(vocab_size=28, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32), 32) / 1e9)
     run(data_dir, tmp_path / "c", max_iters=10, log_interval=5, peak_flops=0.0)
     assert all(r["mfu"] is None for r in read_log(tmp_path / "c") if "loss" in r)
@@ -161,7 +162,7 @@ def test_mfu_while_layers_are_frozen_counts_what_is_computed(data_dir, pretraine
     for st in stages:
         model = enter_stage(model, st, "keep")
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        flops.append(model_module.training_flops_per_token(model.config, 32, frozen))
+        flops.append(training_flops_per_token(model.config, 32, frozen))
     assert [st["freeze"] for st in stages] == [True, True, True, False] and flops[0] < flops[1] < flops[2] < flops[3]
     for r in logs:  # the stage of a log line is the stage its iterations trained in
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops[r["stage"]] / 1e9), r
