@@ -9,12 +9,13 @@ A variant is a kv_share spec ("echo:2"), or "att=SPEC" for attention sharing, or
 
 Training (tokens/s, ms/iter, MFU, peak memory) and inference (prefill, cached decode at batch 1 and a
 larger batch, short and long context, KV bytes per token, decode bandwidth and MBU) are measured in rounds:
+parts=context decodes with a given number of positions cached; parts=capacity at a fixed KV-cache budget,
+each variant at the largest batch whose cache fits it (K/V sharing's payoff: more sequences in the memory).
 each round runs every variant once, so drift on a noisy machine affects all alike; figures are medians over
 rounds. MFU and MBU are against the datasheet peak of a listed GPU, else against a peak measured here
 (a 2048^2 matmul; a 512 MiB read on a CPU); the table's head says which.
 """
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precis
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from checkpoint import config_from_dict
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
-from perf import decode_bytes_per_step, device_peak, kv_cache_bytes, training_flops_per_token
+from perf import Timer, decode_bytes_per_step, device_name, device_peak, kv_cache_bytes, training_flops_per_token
 from plotting import pyplot, save_figure
 
 PRESETS = {  # model shape and micro-batch
@@ -53,9 +54,10 @@ class BenchConfig(ModelConfig):
     decode_tokens: int = 64
     decode_batch: int = 8         # the "larger batch" for decode
     short_prompt: int = 32        # short context; the long one fills the window
-    parts: str = "train,inference"  # which measurements to run: train, inference, context
-    contexts: str = "256,512,1024,2048,4096"  # parts=context: decode speed with this many positions cached
-    plot: str = ""                # parts=context: write decode tok/s and GB/s against context to this PNG
+    parts: str = "train,inference"  # which measurements to run: train, inference, context, capacity
+    contexts: str = "256,512,1024,2048,4096"  # parts=context, capacity: decode with this many positions cached
+    cache_budget: str = "0.25,0.5,1"  # parts=capacity: KV-cache budgets in GiB (comma-separated, fractions allowed)
+    plot: str = ""                # parts=context or capacity: write its figure to this PNG
     naive: bool = False           # also time decoding by recomputing the whole context (no cache)
     find_max_batch: bool = False  # GPU: double the micro-batch until out of memory
     quick: bool = False           # a small run for a smoke test
@@ -109,22 +111,6 @@ def variant_sharing(variant):
             raise UsageError(f"variant '{variant}': expected a kv_share spec, att=SPEC or kv=SPEC att=SPEC")
         sharing[f"{kind}_share"] = spec
     return sharing
-
-
-class Timer:
-    """Wall time around a block, waiting for the GPU at both ends."""
-
-    def __init__(self, device):
-        self.sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
-
-    def __enter__(self):
-        self.sync()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.sync()
-        self.seconds = time.perf_counter() - self.t0
 
 
 class Variant:
@@ -224,11 +210,13 @@ def run(cfg):
     cuda = "cuda" in cfg.device
     dtype = precision(cfg.device, cfg.dtype)[0]
     parts = {p.strip() for p in cfg.parts.split(",")}
-    if not parts or parts - {"train", "inference", "context"}:
-        raise UsageError(f"parts={cfg.parts!r}: expected train, inference and/or context, comma-separated")
-    decode_contexts = context_list(cfg) if "context" in parts else []
-    if cfg.plot and not decode_contexts:
-        raise UsageError("--plot draws the context measurements: give --parts=context too")
+    if not parts or parts - {"train", "inference", "context", "capacity"}:
+        raise UsageError(f"parts={cfg.parts!r}: expected train, inference, context and/or capacity, comma-separated")
+    decode_contexts = context_list(cfg) if parts & {"context", "capacity"} else []
+    budgets = budget_list(cfg) if "capacity" in parts else []
+    if cfg.plot and len(parts & {"context", "capacity"}) != 1:
+        raise UsageError("--plot draws the context or the capacity measurements: give one of --parts=context "
+                         "or --parts=capacity")
     if cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
         raise UsageError(f"short_prompt + decode_tokens = {cfg.short_prompt + cfg.decode_tokens} "
                          f"exceeds block_size={cfg.block_size}")
@@ -240,6 +228,8 @@ def run(cfg):
     def turn(v, measure):
         """Run one variant's measurements with its model on the device, then park it."""
         v.model.to(cfg.device)
+        if measure is not train_round:  # inference runs in the model dtype and layout, as sample.py does
+            inference_layout(v.model.to(dtype))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for key, value in measure(v).items():
@@ -247,7 +237,8 @@ def run(cfg):
         if cuda:  # training and inference peaks apart: one figure mixing both would mean neither
             key = "train_peak_memory_gib" if measure is train_round else "inference_peak_memory_gib"
             samples[v.spec].setdefault(key, []).append(torch.cuda.max_memory_allocated() / 2**30)
-        v.model.to("cpu")
+        v.model.float().to("cpu")
+        v.model.kv_cache = None  # free it before the next variant's turn
         if cuda:
             torch.cuda.empty_cache()
 
@@ -255,7 +246,6 @@ def run(cfg):
         return {"train_ms_per_iter": v.train_ms(cfg.batch_size, cfg.warmup_steps, cfg.train_steps)}
 
     def inference_round(v):
-        inference_layout(v.model.to(dtype))  # inference runs in the model dtype and layout, as sample.py does
         out = {}
         for batch in dict.fromkeys((1, cfg.decode_batch)):
             for context, prompt in contexts:
@@ -263,19 +253,23 @@ def run(cfg):
                 out[f"prefill_tok_s_{name}"], out[f"decode_tok_s_{name}"] = v.generation(batch, prompt)
         if cfg.naive:
             out["naive_decode_tok_s_b1_short"] = v.naive_decode(cfg.short_prompt)
-        v.model.float()
-        v.model.kv_cache = None  # free it before the next variant's turn
         return out
 
     def context_round(v):
-        inference_layout(v.model.to(dtype))
-        out = {f"ctx_decode_tok_s_b{batch}_{c}": v.decode_at(batch, c)
-               for batch in dict.fromkeys((1, cfg.decode_batch)) for c in decode_contexts}
-        v.model.float()
-        v.model.kv_cache = None
+        return {f"ctx_decode_tok_s_b{batch}_{c}": v.decode_at(batch, c)
+                for batch in dict.fromkeys((1, cfg.decode_batch)) for c in decode_contexts}
+
+    def capacity_round(v):
+        out = {}
+        for gib in budgets:
+            for c in decode_contexts:
+                batch = capacity(v.model.config, gib, c + cfg.decode_tokens, dtype.itemsize)
+                out[f"cap_batch_{gib}_{c}"] = batch
+                out[f"cap_tok_s_{gib}_{c}"] = v.decode_at(batch, c) if batch else 0.0
+                v.model.kv_cache = None  # the next budget's cache is another size
         return out
 
-    for measure in (train_round, inference_round, context_round):
+    for measure in (train_round, inference_round, context_round, capacity_round):
         if measure.__name__.split("_")[0] not in parts:
             continue
         name = measure.__name__.replace("_", " ")
@@ -308,15 +302,15 @@ def run(cfg):
                       "mfu_baseline_flops": base_flops * tok_s / peak_flops if peak_flops else None})
         for batch in dict.fromkeys((1, cfg.decode_batch)) if "inference" in parts else ():
             for context, prompt in contexts:
-                # each step reads the weights and every producer's whole cache slot (the mask hides, not skips)
+                # each step reads the weights and the whole cache slots it attends over (the mask hides, not skips)
                 name = f"b{batch}_{context}"
                 step_bytes = decode_bytes_per_step(v.model.config, batch,
                                                    cache_len(v.model, prompt, cfg.decode_tokens), dtype.itemsize)
                 r[f"decode_bytes_per_token_{name}"] = step_bytes / batch
                 r[f"decode_gb_s_{name}"] = step_bytes / batch * r[f"decode_tok_s_{name}"] / 1e9
                 r[f"decode_mbu_{name}"] = r[f"decode_gb_s_{name}"] * 1e9 / peak_bytes if peak_bytes else None
-        for batch in dict.fromkeys((1, cfg.decode_batch)):
-            for c in decode_contexts:  # a step reads the weights and every K and V slot over the whole cache
+        for batch in dict.fromkeys((1, cfg.decode_batch)) if "context" in parts else ():
+            for c in decode_contexts:  # a step reads the weights and each layer's K and V over the whole cache
                 step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
                 r[f"ctx_decode_gb_s_b{batch}_{c}"] = step_bytes / batch * r[f"ctx_decode_tok_s_b{batch}_{c}"] / 1e9
         if cfg.find_max_batch and cuda and "train" in parts:
@@ -326,6 +320,22 @@ def run(cfg):
         results[v.spec] = r
     return results, {"flops": flops_label, "bytes": bytes_label, "peak_flops": peak_flops,
                      "peak_bytes": peak_bytes}
+
+
+def capacity(config, gib, positions, bytes_per_element):
+    """The largest batch whose KV cache of `positions` positions fits in `gib` GiB (0 if not even one)."""
+    return int(gib * 2**30 // kv_cache_bytes(config, 1, positions, bytes_per_element))
+
+
+def budget_list(cfg):
+    """parts=capacity: the KV-cache budgets in GiB, each a number > 0."""
+    try:
+        budgets = [float(b) for b in cfg.cache_budget.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0 < b < float("inf") for b in budgets):
+        raise UsageError(f"cache_budget={cfg.cache_budget!r}: expected GiB > 0, comma-separated (e.g. 0.5,1,2)")
+    return budgets
 
 
 def context_list(cfg):
@@ -357,7 +367,28 @@ def plot_contexts(results, cfg, file):
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.preset}: decode speed against context, {device_name(cfg)}, {cfg.dtype}", fontsize=9)
+    fig.suptitle(f"{cfg.preset}: decode speed against context, {device_name(cfg.device)}, {cfg.dtype}", fontsize=9)
+    save_figure(fig, file, dpi=90)
+    plt.close(fig)
+
+
+def plot_capacity(results, cfg, file):
+    """Decode tokens/s against the KV-cache budget, one panel per context, a line per variant, each point at
+    the largest batch that fits (its label)."""
+    plt = pyplot()
+    contexts, budgets = context_list(cfg), budget_list(cfg)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
+    for ax, c in zip(axes[0], contexts):
+        for spec, r in results.items():
+            ax.plot(budgets, [r[f"cap_tok_s_{b}_{c}"] for b in budgets], marker="o", label=spec)
+            for b in budgets:
+                ax.annotate(f"{r[f'cap_batch_{b}_{c}']}", (b, r[f"cap_tok_s_{b}_{c}"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set(title=f"{c} positions cached", xlabel="KV-cache budget (GiB); label: batch that fits",
+               ylabel="decode tokens/s (all sequences)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{cfg.preset}: decode at a fixed cache budget, {device_name(cfg.device)}, {cfg.dtype}", fontsize=9)
     save_figure(fig, file, dpi=90)
     plt.close(fig)
 
@@ -383,6 +414,11 @@ def table(results, cfg, peaks):
             batch, context = name.split("_")
             rows += [(f"decode tok/s {batch} ctx {context}", k, 1),
                      (f"decode GB/s {batch} ctx {context}", f"ctx_decode_gb_s_{name}", 1)]
+    for k in base:
+        if k.startswith("cap_tok_s_"):
+            gib, context = k[len("cap_tok_s_"):].split("_")
+            rows += [(f"batch in {gib} GiB ctx {context}", f"cap_batch_{gib}_{context}", 1),
+                     (f"decode tok/s {gib} GiB ctx {context}", k, 1)]
     if "naive_decode_tok_s_b1_short" in base:
         rows.append(("naive decode tok/s b1 short", "naive_decode_tok_s_b1_short", 1))
     lines = [f"{'':28}" + "".join(f"{spec:>20}" for spec in results)]
@@ -397,20 +433,9 @@ def table(results, cfg, peaks):
         lines.append(f"{label:28}" + "".join(f"{c:>20}" for c in cells))
     head = (f"{cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, "
             f"vocab {cfg.vocab_size}, context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dtype}, "
-            f"compile={cfg.compile}, {device_name(cfg)}\n"
+            f"compile={cfg.compile}, {device_name(cfg.device)}\n"
             f"MFU against: {peaks['flops']}; MBU against: {peaks['bytes']}")
     return "\n".join([head] + lines)
-
-
-def device_name(cfg):
-    if "cuda" in cfg.device:
-        return torch.cuda.get_device_name(cfg.device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.machine()
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def main(argv):
@@ -418,11 +443,11 @@ def main(argv):
     results, peaks = run(cfg)
     print(table(results, cfg, peaks))
     if cfg.plot:
-        plot_contexts(results, cfg, cfg.plot)
+        (plot_contexts if "context" in cfg.parts else plot_capacity)(results, cfg, cfg.plot)
         print(f"wrote {cfg.plot}")
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump({"device": device_name(cfg), "torch": torch.__version__, "config": asdict(cfg),
+            json.dump({"device": device_name(cfg.device), "torch": torch.__version__, "config": asdict(cfg),
                        "peaks": peaks, "results": results}, f, indent=1)
 
 

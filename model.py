@@ -159,8 +159,9 @@ def apply_rope(x, cos, sin):
 
 
 # What a layer attended with, handed to the layers that read it: rotated queries (B, H, T, hd), rotated keys
-# and values (B, KVH, S, hd), S = T in a full pass or the cache's length through the cache
-Attended = namedtuple("Attended", "q k v")
+# and values (B, KVH, S, hd), S = T in a full pass or the cache's length through the cache; and in a decode
+# step of a layer whose attention others reuse, its attention probabilities (B, KVH, G*T, S), else None
+Attended = namedtuple("Attended", "q k v probs")
 
 
 class Attention(nn.Module):
@@ -183,10 +184,12 @@ class Attention(nn.Module):
     def project(self, w, x, heads):
         return w(x).view(x.size(0), x.size(1), heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
 
-    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None):
+    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None,
+                share_probs=False):
         """reads: what this layer takes from another, None (nothing), "kv" or "att"; given: what that layer
         attended with (an Attended). Keys and values it computes are written to cache slots slots[0] and
         slots[1] when there is a cache; keys are rotated once, here, so readers get them rotated.
+        share_probs: a decode step of a layer whose attention others reuse: hand them the probabilities.
         Returns (output, Attended)."""
         B, T, _ = x.shape
 
@@ -203,15 +206,20 @@ class Attention(nn.Module):
         else:                              # attention consumer: its source's queries and keys (the source's own,
             q, k = given.q, given.k        # or, if the source is a K/V consumer, its producer's), its own values
             v = cached("v", self.project(self.wv, x, self.n_kv_head))
+        probs = None
         # is_causal=True masks the top-left triangle of the (T, S) scores: right when the queries start at
         # position 0 (T == S), wrong for T new queries at the end of a longer cache, which need the bottom rows
         if mask is None:  # a full pass from position 0: SDPA's own causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif reads == "att" and given.probs is not None:  # decode: the source's probabilities, no keys read
+            y = mix_values(given.probs, v, self.n_head)
+        elif share_probs:  # decode, and layers above reuse this attention: compute the probabilities once
+            y, probs = attend_explicit(q, k, v, mask)
         else:             # through the cache, at an offset: an explicit mask (T, S)
             y = attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                # (B, T, H*hd)
-        return F.dropout(self.wo(y), self.dropout, self.training), Attended(q, k, v)
+        return F.dropout(self.wo(y), self.dropout, self.training), Attended(q, k, v, probs)
 
 
 def attend_masked(q, k, v, mask):
@@ -225,6 +233,27 @@ def attend_masked(q, k, v, mask):
     q = q.reshape(B, k.size(1), G * T, hd)  # (B, KVH, G*T, hd): row g*T + t is query head kvh*G + g at step t
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # mask rows repeated per g
     return y.reshape(B, H, T, hd)
+
+
+# Reusing attention at decode (EchoAtt's inference saving): for one new token per sequence the probabilities
+# are small, (B, H, 1, S) against (B, KVH, S, hd) for the keys (at SmolLM2's shape 21x smaller), so the source
+# hands them up and an attention consumer reads no keys and computes no scores. In training and prefill the
+# consumers recompute through SDPA instead: T x T probabilities would cost more memory traffic than they save.
+
+def attend_explicit(q, k, v, mask):
+    """attend_masked, with the probabilities computed explicitly and returned too: (y (B, H, T, hd), probs
+    (B, KVH, G*T, S) in the folded layout, row g*T + t = query head kvh*G + g at step t)."""
+    B, H, T, hd = q.shape
+    G = H // k.size(1)
+    scores = q.reshape(B, k.size(1), G * T, hd) @ k.transpose(-1, -2) / math.sqrt(hd)  # (B, KVH, G*T, S)
+    probs = scores.float().masked_fill(~mask.repeat(G, 1), float("-inf")).softmax(-1).to(v.dtype)
+    return mix_values(probs, v, H), probs
+
+
+def mix_values(probs, v, n_head):
+    """probs (B, KVH, G*T, S) @ v (B, KVH, S, hd) -> (B, H, T, hd): each query head mixes its K/V head's values."""
+    B, KVH, GT, _ = probs.shape
+    return (probs @ v).reshape(B, n_head, GT * KVH // n_head, v.size(-1))
 
 
 class MLP(nn.Module):
@@ -249,8 +278,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None):
-        a, attended = self.attention(self.attention_norm(x), cos, sin, mask, reads, given, cache, slots, input_pos)
+    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None,
+                share_probs=False):
+        a, attended = self.attention(self.attention_norm(x), cos, sin, mask, reads, given, cache, slots, input_pos,
+                                     share_probs)
         x = x + a
         return x + self.feed_forward(self.ffn_norm(x)), attended
 
@@ -349,7 +380,9 @@ class LLaMA(nn.Module):
         kv_src, att_src = self.kv_sources[i], self.att_sources[i]
         reads = "kv" if kv_src != i else "att" if att_src != i else None  # a layer reads at most one kind
         given = seen[kv_src if reads == "kv" else att_src] if reads else None
-        x, attended = self.layers[i](x, cos, sin, mask, reads, given, cache, self.slots[i], input_pos)
+        # a decode step (one new token per sequence) of a layer whose attention a layer above reuses
+        share_probs = mask is not None and x.size(1) == 1 and i in self.att_sources[i + 1:]
+        x, attended = self.layers[i](x, cos, sin, mask, reads, given, cache, self.slots[i], input_pos, share_probs)
         seen.append(attended)
         return x
 

@@ -5,6 +5,7 @@ weights, FLOPs, bytes a decode step reads), each following from which layers com
 Bottom: the peaks, a datasheet's for a listed GPU, else measured here, so the figures mean the same on any
 machine."""
 import functools
+import platform
 import time
 
 import torch
@@ -84,12 +85,16 @@ def training_flops_per_token(cfg, seq_len, frozen=frozenset()):
 
 
 def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
-    """Bytes one decode step must read: every weight once (of the embedding table only the B rows looked
-    up, unless the head is tied to it) plus every K and V slot of the cache over `context` positions.
-    Consumers read their source's slots, which are counted once: this is the least traffic possible."""
-    d = cfg.n_embd
+    """Bytes one decode step reads: every weight once (of the embedding table only the B rows looked up, unless
+    the head is tied to it), and each layer's reads of the cache over `context` positions, counted per layer
+    as they happen: a V slot (its own, or a K/V consumer's producer's: read again by each reader), and a K slot,
+    except an attention consumer, which reads its source's probabilities (B x n_head x context) instead."""
+    d, (kv_sources, att_sources) = cfg.n_embd, resolve_sharing(cfg)
     weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
-    return weights * bytes_per_element + kv_cache_bytes(cfg, batch_size, context, bytes_per_element)
+    slot = batch_size * cfg.n_kv_head * context * cfg.head_dim
+    probs = batch_size * cfg.n_head * context
+    cache = sum(slot + (probs if att_sources[i] != i else slot) for i in range(cfg.n_layer))
+    return (weights + cache) * bytes_per_element
 
 
 def step_flops(model, teacher, seq_len):
@@ -176,3 +181,31 @@ def device_peak(kind, device, dtype=torch.float32, override=-1):
         return value, f"measured {value / 1e9:,.0f} G{unit} ({str(dtype).split('.')[-1]} matmul)"
     value = measured_read_bytes(str(device))
     return value, f"measured {value / 1e9:,.1f} GB/s (read)"
+
+
+class Timer:
+    """Wall time around a block, waiting for the GPU at both ends."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
+
+    def __enter__(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.t0
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if "cuda" in device:
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"

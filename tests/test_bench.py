@@ -41,10 +41,12 @@ def test_quick_bench_json(tmp_path):
         for batch, context, prompt in [(1, "short", 16), (4, "long", 128 - 16)]:
             name = f"b{batch}_{context}"
             # closed form: fp32 weights read once (tied head, so no embedding rows apart), 2 norms a layer + the
-            # final one, and every K and V slot over the whole cache (prompt + 16 decoded tokens)
+            # final one, and per layer a V slot and a K slot over the whole cache (prompt + 16 decoded tokens),
+            # where an attention consumer reads its source's probabilities (n_head per position) for the keys
             d, ff, hd = cfg["n_embd"], shape.intermediate_size, shape.head_dim
             weights = 8 * (d * d + 3 * d * ff) + n_q * d * d + (n_k + n_v) * d * cfg["n_kv_head"] * hd + d * 512 + 17 * d
-            step = 4 * weights + 4 * (n_k + n_v) * batch * (prompt + 16) * cfg["n_kv_head"] * hd
+            per_position = (8 + n_q) * cfg["n_kv_head"] * hd + (8 - n_q) * cfg["n_head"]
+            step = 4 * weights + 4 * batch * (prompt + 16) * per_position
             assert res[f"decode_bytes_per_token_{name}"] == step / batch
             assert res[f"decode_mbu_{name}"] == pytest.approx(step / batch * res[f"decode_tok_s_{name}"] / 1e10)
     assert report["peaks"]["flops"].startswith("measured ") and report["peaks"]["bytes"] == "given 10 GB/s"
@@ -83,3 +85,33 @@ def test_decode_against_context(tmp_path):
     r = subprocess.run([*args[:3], "--contexts=5,125", "--decode_tokens=7"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip() == ("error: contexts: 125 is out of range: each must be 1 to "
                                                       "block_size - decode_tokens = 121")
+
+
+def test_decode_at_a_fixed_cache_budget(tmp_path):
+    """parts=capacity: each variant decodes at the largest batch whose KV cache fits the budget (counted from
+    the slots it really caches), so K/V sharing fits more sequences; bad budgets and plots are one line."""
+    out, png = tmp_path / "cap.json", tmp_path / "cap.png"
+    args = [sys.executable, "bench.py", "--parts=capacity", "--contexts=9,50", "--cache_budget=0.0002,0.0011",
+            "--decode_tokens=5", "--rounds=1", "--variants=none;echo:5;att=echo:3", f"--json={out}", f"--plot={png}"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    cfg, results = report["config"], report["results"]
+    for spec, res in results.items():
+        kv, att = res["kv_sources"], res["att_sources"]
+        slots = sum(kv[i] == i for i in range(8)) + sum(kv[i] == i and att[i] == i for i in range(8))  # V + K slots
+        for gib in (0.0002, 0.0011):
+            for c in (9, 50):
+                per_sequence = slots * (c + 5) * cfg["n_kv_head"] * (cfg["n_embd"] // cfg["n_head"]) * 4  # fp32
+                assert res[f"cap_batch_{gib}_{c}"] == int(gib * 2**30) // per_sequence
+                assert (res[f"cap_tok_s_{gib}_{c}"] > 0) == (res[f"cap_batch_{gib}_{c}"] > 0)
+    # echo:5 keeps 3 of 8 layers' K/V: 8/3 as many sequences fit (rounded down: 6 against 2)
+    assert results["echo:5"]["cap_batch_0.0011_50"] == 3 * results["none"]["cap_batch_0.0011_50"] == 6
+    assert results["none"]["cap_batch_0.0002_50"] == 0 and results["echo:5"]["cap_batch_0.0002_50"] == 1
+    assert "batch in 0.0011 GiB ctx 50" in r.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad, match in [("--cache_budget=0", "cache_budget='0': expected GiB > 0"),
+                       ("--cache_budget=a,1", "cache_budget='a,1': expected GiB > 0"),
+                       ("--parts=context,capacity", "--plot draws the context or the capacity measurements")]:
+        r = subprocess.run([*args[:3], "--contexts=9", bad, f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and r.stderr.strip().startswith(f"error: {match}"), r.stderr

@@ -48,10 +48,27 @@ def sdpa_calls(monkeypatch):
 @pytest.mark.parametrize("spec", ["none", "echo:3", "cla:2", "0,0,2,2,2,5", "cla:4", "att=0,0,2,2,2,5",
                                   "kv=0,0,2,3,4,5 att=0,1,2,3,3,2"])
 @pytest.mark.parametrize("n_head,n_kv_head", [(6, 6), (6, 3), (6, 2), (6, 1)], ids=["mha", "gqa2", "gqa3", "mqa"])
-def test_no_sdpa_call_pairs_a_mask_with_unequal_heads(sdpa_calls, spec, n_head, n_kv_head):
+def test_no_sdpa_call_pairs_a_mask_with_unequal_heads(sdpa_calls, spec, n_head, n_kv_head, monkeypatch):
+    import model as model_module
+    explicit_calls, mixed = [], []
+    real_explicit, real_mix = model_module.attend_explicit, model_module.mix_values
+
+    def explicit_spy(q, k, v, mask):
+        explicit_calls.append(next(i for i, layer in enumerate(model.layers) if layer.attention is current[0]))
+        return real_explicit(q, k, v, mask)
+
+    def mix_spy(probs, v, n_head):
+        mixed.append(tuple(probs.shape))
+        return real_mix(probs, v, n_head)
+
+    monkeypatch.setattr(model_module, "attend_explicit", explicit_spy)
+    monkeypatch.setattr(model_module, "mix_values", mix_spy)
+    current = [None]
     torch.manual_seed(0)
     model = LLaMA(ModelConfig(vocab_size=61, block_size=40, n_layer=6, n_head=n_head, n_kv_head=n_kv_head,
                               n_embd=48, **variant_sharing(spec), dropout=0.1)).eval()
+    for layer in model.layers:  # which layer is attending, for explicit_spy
+        layer.attention.register_forward_pre_hook(lambda m, args: current.__setitem__(0, m))
     idx = torch.randint(0, 61, (3, 23))
     model.train()
     model(idx, targets=idx)                               # training: causal, no mask -> flash
@@ -66,12 +83,21 @@ def test_no_sdpa_call_pairs_a_mask_with_unequal_heads(sdpa_calls, spec, n_head, 
     last, _, _ = model(idx[:, 22:], input_pos=torch.tensor([22]))                      # one decode step
     torch.testing.assert_close(torch.cat([pre, mid, last], 1), full, atol=1e-5, rtol=1e-5)
     cached = sdpa_calls[6:]
-    assert len(cached) == 18 and all(c["mask"] for c in cached)
+    # in the decode step, an attention source computes its probabilities explicitly (plain matmuls, no SDPA)
+    # and its consumers only mix their values with them: neither calls SDPA
+    att = model.att_sources
+    reusing = [i for i in range(6) if att[i] != i]
+    sdpa_at_decode = 6 - len(reusing) - len(set(att[i] for i in reusing))
+    assert len(cached) == 12 + sdpa_at_decode and all(c["mask"] for c in cached)
+    assert [explicit_calls.count(s) for s in sorted(set(att[i] for i in reusing))] == [1] * len(set(att[i] for i in reusing))
+    assert len(mixed) == len(reusing) + len(set(att[i] for i in reusing))
+    G = n_head // n_kv_head
+    assert all(shape == (3, n_kv_head, G, 37) for shape in mixed)  # (B, KVH, G*T, S): one row per query head
     for c in cached:
         assert c["q_heads"] == c["kv_heads"], c  # the fold: a mask only ever meets equal head counts
         assert c["kernel"] == "efficient"
     # the query rows carry every query head of the group: G * T rows per K/V head
-    assert [c["T"] for c in cached[::6]] == [n_head // n_kv_head * t for t in (9, 13, 1)]
+    assert [c["T"] for c in cached[:12:6]] == [G * t for t in (9, 13)] and all(c["T"] == G for c in cached[12:])
     assert all(c["kernel"] != "math" for c in sdpa_calls)
 
 

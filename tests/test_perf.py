@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import variant_sharing
 from generate import cache_len, compile_decode_step, generate_tokens
 from model import LLaMA, ModelConfig
-from perf import matmul_params, training_flops_per_token
+from perf import decode_bytes_per_step, matmul_params, training_flops_per_token
 
 SHAPES = [  # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
     (6, 6, True), (6, 2, False), (6, 3, True), (6, 1, False)]
@@ -61,7 +61,12 @@ def test_decode_and_prefill_flops_equal_the_counter(spec, n_head, n_kv_head, tie
     assert counter.get_total_flops() == 2 * 2 * ((matmul_params(cfg) - head) * 11 + head)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(2, 1, dtype=torch.long), input_pos=torch.tensor([11]))
-    assert counter.get_total_flops() == 2 * 2 * matmul_params(cfg)
+    # the counter sees no SDPA on a CPU, but it sees the explicit attention of decode-time reuse: an attention
+    # source computes scores and mixes values (2 matmuls), each of its consumers only mixes (1 matmul)
+    consumers = [i for i, s in enumerate(model.att_sources) if s != i]
+    matmuls = 2 * len(set(model.att_sources[i] for i in consumers)) + len(consumers)
+    one = 2 * 2 * cfg.n_head * cfg.head_dim * 24  # one attention matmul: 2 sequences, every cached position
+    assert counter.get_total_flops() == 2 * 2 * matmul_params(cfg) + matmuls * one
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -108,3 +113,39 @@ def test_inference_layout_changes_strides_only(tied):
     assert (model.output.weight is model.tok_embeddings.weight) == tied
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
     torch.testing.assert_close(model(idx, all_logits=True)[0], before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS + ["att=0,1,1,3,1", "kv=0,0,2,3,4 att=0,1,2,1,1"])
+@pytest.mark.parametrize("n_head,n_kv_head,tied", SHAPES)
+def test_decode_bytes_are_what_each_layer_reads(spec, n_head, n_kv_head, tied, monkeypatch):
+    """decode_bytes_per_step against the tensors a decode step really hands to attention: every K and V each
+    layer attends over (a K/V consumer's read of its producer's slots counts again), the probabilities an
+    attention consumer mixes instead of keys, plus the weights (of an untied embedding, only the B rows)."""
+    import model as model_module
+    model = build(spec, n_head, n_kv_head, tied).eval()
+    reads, inside = [], []
+
+    def spy(name, *tensors):
+        real = getattr(model_module, name)
+
+        def counted(*args):
+            if not inside:  # attend_explicit mixes through mix_values: count its reads once
+                reads.append(sum(args[i].nbytes for i in tensors))
+            inside.append(name)
+            try:
+                return real(*args)
+            finally:
+                inside.pop()
+        monkeypatch.setattr(model_module, name, counted)
+
+    spy("attend_masked", 1, 2)   # (q, k, v, mask): reads k and v
+    spy("attend_explicit", 1, 2)  # (q, k, v, mask): reads k and v, computes the probabilities it hands up
+    spy("mix_values", 0, 1)      # (probs, v, n_head): reads the source's probabilities and its own v
+    B, S = 3, 23
+    model.setup_cache(B, S)
+    with torch.no_grad():
+        model(torch.zeros(B, 1, dtype=torch.long), input_pos=torch.tensor([9]))
+    assert len(reads) == model.config.n_layer
+    weights = sum(p.nbytes for p in model.parameters()) - (0 if tied else model.tok_embeddings.weight.nbytes
+                                                           - B * model.tok_embeddings.weight[0].nbytes)
+    assert decode_bytes_per_step(model.config, B, S, 4) == weights + sum(reads)
