@@ -93,6 +93,9 @@ def plot_runs(runs, file):
             ax.plot([r[x] for r in train], [r.get("ce", r["loss"]) for r in train], color=color, alpha=0.3, lw=1)
             ax.plot([r[x] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], color=color, marker="o",
                     ms=3, lw=1.5, label=label)
+            for style, name in zip(("--", "-.", ":"), run["evals"][-1].get("eval_losses", {})):  # eval_datasets
+                ax.plot([r[x] for r in run["evals"]], [r.get("eval_losses", {}).get(name, math.nan) for r in run["evals"]], color=color,
+                        ls=style, marker="s", ms=3, lw=1.2, label=f"{label}: {name}")
             for start in stage_starts(train, x):
                 ax.axvline(start, color=color, ls=":", lw=1)
     axes[0].set(xlabel="tokens seen", ylabel="loss (line: val; faint: train)")
@@ -110,9 +113,11 @@ def runs_main(dirs, args):
     runs = [read_run(folder) for folder in dirs]
     rows = [summary(r) for r in runs]
     print(f"{'run':32} {'sharing':>12} {'final val':>10} {'best val':>10} {'tokens':>12} {'train s':>9} {'tok/s':>9}")
-    for r in rows:
+    for r, run in zip(rows, runs):
+        extra = run["evals"][-1].get("eval_losses", {})  # the eval_datasets, first eval -> last
         print(f"{r['run'][:32]:32} {r['sharing'][:12]:>12} {r['final val']:10.4f} {r['best val']:10.4f} "
-              f"{r['tokens']:12,} {r['train s']:9.1f} {r['tok/s']:9,.0f}")
+              f"{r['tokens']:12,} {r['train s']:9.1f} {r['tok/s']:9,.0f}"
+              + "".join(f"  {k} {run['evals'][0].get('eval_losses', {}).get(k, math.nan):.4f} -> {v:.4f}" for k, v in extra.items()))
     if args.plot:
         plot_runs(runs, args.plot)
         print(f"wrote {args.plot}")
@@ -149,7 +154,7 @@ def layer_similarities(model, batches):
 
     def hook(i):
         def record(module, args, output):
-            q, k, v = output[1]                                # (B, H, T, hd), (B, KVH, T, hd) x 2
+            q, k, v, _ = output[1]                             # (B, H, T, hd), (B, KVH, T, hd) x 2
             G = q.size(1) // k.size(1)
             scores = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, T)
             T = q.size(2)

@@ -15,26 +15,43 @@ def cache_len(model, prompt_len, max_new_tokens):
 
 @torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None,
-                    step=None):
+                    step=None, stop=(), cached=None):
     """Yield (B, 1) new tokens: one prefill pass over the prompt, then one cached decode step each.
     step: the function for a decode step (default: the model; sample.py passes a compiled one).
+    stop: end-of-sequence ids. A row that samples one is done (what it samples after is meaningless: callers
+    cut each row at its first stop id), and generation ends once every row is done.
+    cached: None, a fresh generation (the cache is set up here); or n, the caller's cache already holds
+    idx[:, :n] (a chat's earlier turns; n may be 0) and has room for the rest: only the rest is prefilled.
     Past block_size the window slides: the last block_size/2 tokens are re-encoded from position 0."""
     B, T = idx.shape
     block = model.config.block_size
     if T > block:
         raise UsageError(f"prompt is {T} tokens, longer than the context window block_size={block}")
-    if T == 0:
+    start_pos = cached or 0
+    if T <= start_pos:
         raise UsageError("prompt is empty: give at least one token")
-    model.setup_cache(B, cache_len(model, T, max_new_tokens))
+    if cached is None:
+        model.setup_cache(B, cache_len(model, T, max_new_tokens))
+    elif model.kv_cache is None or model.kv_cache.max_len < min(block, T + max_new_tokens):
+        raise UsageError(f"the cache cannot hold the {T - start_pos} tokens after position {start_pos} and "
+                         f"{max_new_tokens} more: set it up first")
     step = model if step is None else step
     context = idx
-    logits = model(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
+    logits = model(context[:, start_pos:], input_pos=torch.arange(start_pos, T, device=idx.device))[0][:, -1]
     # the decode position lives on the device and is advanced in place: no host-to-device copy per token,
     # so the host never waits for a CUDA-graph replay, and a captured graph always reads the same address
     pos = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)
+    stop = torch.tensor(sorted(stop), device=idx.device) if stop else None
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    # asking whether every row is done makes the host wait for the GPU: there, ask every 16 tokens only
+    check_every = 1 if idx.device.type == "cpu" else 16
     for n in range(max_new_tokens):
         token = sample_logits(logits, temperature, top_k, top_p, vocab_limit)  # (B, 1)
         yield token
+        if stop is not None:
+            done |= torch.isin(token, stop)
+            if n % check_every == check_every - 1 and bool(done.all()):
+                break
         if n == max_new_tokens - 1:
             break
         context = torch.cat((context, token), dim=1)
@@ -50,6 +67,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     """idx (B, T) -> (B, T + max_new_tokens), sampled through the KV cache; temperature=0 is greedy."""
     new = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, vocab_limit))
     return torch.cat([idx] + new, dim=1)
+
+
+def until_stop(row, stop):
+    """A row of generated ids up to (not including) its first stop id."""
+    return next((row[:i] for i, t in enumerate(row) if t in stop), row)
 
 
 def inference_layout(model):

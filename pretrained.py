@@ -329,6 +329,11 @@ def gguf_meta(path):
                             for t, kind in zip(tokens, kinds) if kind == GGUF_CONTROL_TOKEN])
     add_bos = gguf_value(reader, "tokenizer.ggml.add_bos_token", bool, False)
     bos, eos = gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    # generation stops at the end-of-sequence token, and at end-of-turn / end-of-message ones where present
+    stop = [gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "bos": bos if add_bos else None, "eot": eos,
-            "tokenizer_json": tok.to_str()}
+            "tokenizer_json": tok.to_str(), "stop": sorted({int(t) for t in stop if t is not None}),
+            "chat_template": gguf_field(reader, "tokenizer.chat_template"),
+            "chat_tokens": {"bos_token": tokens[bos] if bos is not None else "",
+                            "eos_token": tokens[eos] if eos is not None else ""}}
 

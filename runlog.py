@@ -30,9 +30,13 @@ class RunLog:
         self.peak = None  # what MFU is against, named once the first figure is logged
 
     def eval(self, iter_num, losses, state):
+        """An eval line: train and val loss, and the loss on each extra val set (eval_datasets) by its name."""
         check_finite(losses["val"] + losses["train"], iter_num, self.out_dir)
-        self.say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **state})
+        extra = {k: v for k, v in losses.items() if k not in ("train", "val")}
+        self.say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                 + "".join(f", {k} loss {v:.4f}" for k, v in extra.items()))
+        self.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                    **({"eval_losses": extra} if extra else {}), **state})
 
     def step(self, iter_num, loss, parts, lr, ms_per_iter, tokens_per_s, mfu, mfu_of, state):
         """A log line: the loss and its parts (ce, kd, hidden when distilling), speed, MFU and what it is against."""

@@ -1,20 +1,23 @@
-"""Sample from a checkpoint written by train.py, through the layer-aware KV cache.
+"""Sample from a checkpoint written by train.py, through the layer-aware KV cache, or talk to a chat model.
 
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=1
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0 --compile=True
+    python sample.py --init_from=gguf:$SMOL --chat --temperature=0            # a conversation, in its template
 
 One prefill pass over the prompt, then one cached decode step per token (all samples decode together).
 """
+import itertools
 import sys
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
+from chat import Chat
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, DTYPE, check_device, configure, precision, run_main
-from data.common import bpe_meta, tokenizer_from_meta
-from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
+from data.common import bpe_meta, stop_ids, tokenizer_from_meta
+from generate import cache_len, compile_decode_step, generate_tokens, inference_layout, until_stop
 from model import UsageError
 from perf import kv_cache_bytes
 from pretrained import IMPORTS, import_pretrained
@@ -34,6 +37,9 @@ class SampleConfig:
     device: str = DEVICE
     dtype: str = DTYPE
     compile: bool = False            # compile the decode step once (worth it for long or repeated runs)
+    stop: bool = True                # each sample ends at the model's end token (False: always max_new_tokens)
+    chat: bool = False               # talk to a chat model through its chat template; --start is the first turn
+    system: str = ""                 # --chat: the system turn (not given: the template's default, if any)
 
 
 def load_model(cfg):
@@ -112,31 +118,33 @@ def sample(cfg, out=None):
         if out:
             out.write(f"note: compiled and warmed up the decode step in {time.perf_counter() - t:.1f} s\n")
     stream = out if cfg.num_samples == 1 else None
+    stop = stop_ids(meta) if cfg.stop else []
     new, printed = [], 0
     if stream:
         stream.write(decode(ids))
     t0 = time.perf_counter()
     for n, token in enumerate(generate_tokens(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                                    cfg.top_p, vocab_limit=meta["vocab_size"], step=step)):
+                                              cfg.top_p, vocab_limit=meta["vocab_size"], step=step, stop=stop)):
         new.append(token)
         if n == 0:
             sync()
             t_first = time.perf_counter()
-        if stream:  # print what decodes cleanly so far (a BPE token can end mid-character)
-            text = decode(torch.cat(new, dim=1)[0].tolist())
+        if stream:  # print what decodes cleanly so far (a BPE token can end mid-character), never the end token
+            text = decode(until_stop(torch.cat(new, dim=1)[0].tolist(), stop))
             if not text.endswith("\ufffd"):
                 stream.write(text[printed:])
                 stream.flush()
                 printed = len(text)
     sync()
     t_end = time.perf_counter()
-    tokens = torch.cat(new, dim=1).tolist()  # (B, max_new_tokens)
-    texts = [decode(ids + row) for row in tokens]
+    rows = [until_stop(row, stop) for row in torch.cat(new, dim=1).tolist()]  # each cut at its first end token
+    texts = [decode(ids + row) for row in rows]
     elem = model.kv_cache.k.element_size()
     stats = {
-        "samples": cfg.num_samples, "prompt_tokens": len(ids), "new_tokens": cfg.max_new_tokens,
-        "prefill_tokens_per_s": cfg.num_samples * len(ids) / (t_first - t0),
-        "decode_tokens_per_s": cfg.num_samples * (cfg.max_new_tokens - 1) / max(t_end - t_first, 1e-9),
+        "samples": cfg.num_samples, "prompt_tokens": len(ids), "new_tokens": sum(map(len, rows)), "steps": len(new),
+        "max_new_tokens": cfg.max_new_tokens, "prefill_tokens_per_s": cfg.num_samples * len(ids) / (t_first - t0),
+        # every row computes at every step, done or not: this is the steps' throughput
+        "decode_tokens_per_s": cfg.num_samples * (len(new) - 1) / max(t_end - t_first, 1e-9),
         "kv_cache_bytes": model.kv_cache.nbytes,
         "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none", att_share="none"),
                                                   cfg.num_samples, model.kv_cache.max_len, elem),
@@ -146,15 +154,57 @@ def sample(cfg, out=None):
 
 
 def summary(s):
-    return (f"{s['samples'] * s['new_tokens']} tokens ({s['samples']} x {s['new_tokens']}) | prefill "
+    """The report line: tokens generated (end tokens not counted; at most samples x max_new_tokens), speeds,
+    and the KV cache: how many layers cache keys and values, beside what the model would need without sharing."""
+    return (f"{s['new_tokens']} tokens ({s['samples']} x at most {s['max_new_tokens']}, {s['steps']} steps) | prefill "
             f"{s['prefill_tokens_per_s']:,.0f} tok/s | decode {s['decode_tokens_per_s']:,.1f} tok/s | KV cache "
             f"{s['kv_cache_bytes'] / 2**20:.2f} MiB ({s['k_slots']} of {s['n_layer']} layers cache K, "
             f"{s['v_slots']} cache V; "
             f"without sharing {s['kv_cache_bytes_unshared'] / 2**20:.2f} MiB)")
 
 
+def chat(cfg, lines, out, interactive):
+    """--chat: --start (if given) is the first user turn, then each line read is the next. On a terminal each
+    reply streams and an empty line is asked again; piped, one reply per line, and an empty one is an error."""
+    check_sample_settings(cfg)
+    torch.manual_seed(cfg.seed)
+    model, meta, _ = load_model(cfg)
+    conversation = Chat(model, meta, system=cfg.system if "system" in cfg.explicit else None)
+    turns = ([cfg.start] if "start" in cfg.explicit else []) + ([] if interactive else lines)
+    if interactive:
+        out.write("chat: type a message, Enter to send, Ctrl-D to end\n")
+    for n, user in enumerate(turns if not interactive else itertools.chain(turns, iter(lambda: read_turn(out), None))):
+        if interactive and not user.strip():
+            out.write("(an empty turn: type something)\n")
+            continue
+        if not user.strip():
+            raise UsageError(f"turn {n + 1} is empty: each input line is one turn for the model to answer")
+        if interactive:
+            out.write("assistant: ")
+        t = time.perf_counter()
+        text = conversation.reply(user.rstrip("\n"), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                                  out=out if interactive else None)
+        if not interactive:
+            out.write(text)
+        out.write(f"\n[{conversation.reply_tokens} tokens in {time.perf_counter() - t:.1f} s]\n")
+        out.flush()
+
+
+def read_turn(out):
+    """The next line typed on the terminal, or None at its end (Ctrl-D)."""
+    out.write("you: ")
+    out.flush()
+    try:
+        return input()
+    except EOFError:
+        return None
+
+
 def main(argv):
     cfg = configure(SampleConfig(), argv)
+    if cfg.chat:
+        interactive = sys.stdin.isatty()
+        return chat(cfg, [] if interactive else sys.stdin.read().splitlines(), sys.stdout, interactive)
     texts, stats = sample(cfg, out=sys.stdout)
     if cfg.num_samples == 1:
         print()

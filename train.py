@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,8 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     always_save_checkpoint: bool = True   # save at every eval, not only when val loss improves
+    eval_only: bool = False               # evaluate the model init_from names (converted, if asked), then stop
+    eval_datasets: str = ""               # more val sets evaluated at every eval, e.g. 'wikitext2_smollm2' (same tokens)
     init_from: str = "scratch"            # 'scratch', 'resume' (out_dir/ckpt.pt), 'ckpt:DIR', 'hf:DIR', 'gguf:FILE'
     seed: int = 1337
     # data: {data_dir}/{dataset}/train.bin, val.bin, meta.json from data/*/prepare.py
@@ -116,6 +119,21 @@ def check_settings(cfg):
     precision(cfg.device, cfg.dtype)
 
 
+def load_eval_datasets(cfg, meta):
+    """{name: val tokens} of the eval_datasets, each prepared with the run's tokenizer."""
+    extra = {}
+    for name in filter(None, (n.strip() for n in cfg.eval_datasets.split(","))):
+        if name in ("train", "val"):
+            raise UsageError(f"eval_datasets: '{name}' names a split of the run's own dataset; name another dataset")
+        data, other = load_dataset(SimpleNamespace(data_dir=cfg.data_dir, dataset=name, block_size=cfg.block_size),
+                                   splits=("val",))
+        if not same_tokens(other, meta):
+            raise UsageError(f"eval_datasets: '{name}' is tokenized with other tokens than dataset '{cfg.dataset}': "
+                             f"prepare it with the same tokenizer")
+        extra[name] = data["val"]
+    return extra
+
+
 def model_config(cfg, vocab_size):
     return config_from_dict({f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if f.name != "vocab_size"}
                             | {"vocab_size": vocab_size})
@@ -134,15 +152,16 @@ def get_lr(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, autocast):
-    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+def estimate_loss(model, data, cfg, autocast, extra=None):
+    """Mean loss over eval_iters batches per split, and on the val split of each extra dataset ({name: tokens});
+    the same batches every time, so evals compare."""
     model.eval()
     out = {}
-    for split in ("train", "val"):
-        g = torch.Generator().manual_seed(1337 + (split == "val"))  # not cfg.seed: runs of any seed compare
+    for split, tokens in [("train", data["train"]), ("val", data["val"])] + list((extra or {}).items()):
+        g = torch.Generator().manual_seed(1337 + (split != "train"))  # not cfg.seed: runs of any seed compare
         losses = []
         for _ in range(cfg.eval_iters):
-            x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, g)
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, g)
             with autocast:
                 losses.append(model(x.to(cfg.device), y.to(cfg.device))[1].item())
         out[split] = sum(losses) / len(losses)
@@ -252,6 +271,7 @@ def train(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     data, meta = load_dataset(cfg)
+    extra = load_eval_datasets(cfg, meta)
     model, ckpt, loaded = initial_model(cfg, meta)
     teacher_from = teacher_source(cfg, ckpt)
     teacher = load_teacher(cfg, meta, teacher_from, loaded, model)
@@ -300,7 +320,7 @@ def train(cfg):
             rng_states = all_rng_states(ddp, world, cfg.device)
             if master:
                 train_seconds += time.time() - t0
-                losses = estimate_loss(model.module if ddp else model, data, cfg, autocast)
+                losses = estimate_loss(model.module if ddp else model, data, cfg, autocast, extra)
                 log.eval(iter_num, losses, state() | {"kv_sources": raw_model.kv_sources,
                                                       "att_sources": raw_model.att_sources})
                 if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
@@ -312,7 +332,7 @@ def train(cfg):
                             "best_val_loss": best_val_loss, "config": asdict(cfg), "meta": meta,
                             "rng_states": rng_states, "adapt_stages": stages, "teacher_from": teacher_from, **state()})
                 t0, window = time.time(), 0  # eval time is not training time
-        if iter_num >= cfg.max_iters:
+        if iter_num >= cfg.max_iters or cfg.eval_only:
             break
         if stage_at(iter_num, stages, cfg.adapt_iters) != stage:  # next stage: convert more layers
             stage = stage_at(iter_num, stages, cfg.adapt_iters)

@@ -50,7 +50,7 @@ def char_meta(text):
 
 
 def gpt2_meta():
-    return {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
+    return {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256, "stop": [50256]}
 
 
 def hf_meta(path):
@@ -72,8 +72,39 @@ def hf_meta(path):
     def first_id(names):
         return next((tok.token_to_id(t) for t in names if tok.token_to_id(t) is not None), None)
     # LLaMA models are trained with a beginning-of-sequence token before every document: give them one
-    return {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "bos": first_id(("<s>", "<|begin_of_text|>")),
+    meta = {"tokenizer": "hf", "vocab_size": tok.get_vocab_size(), "bos": first_id(("<s>", "<|begin_of_text|>")),
             "eot": first_id(("</s>", "<|endoftext|>", "<|end_of_text|>")), "tokenizer_json": text}
+    return meta | hf_generation_meta(os.path.dirname(file), meta["eot"])
+
+
+def hf_generation_meta(folder, eot):
+    """What a Hugging Face folder says about generating: the end-of-sequence id(s) generation stops at
+    (generation_config.json, else config.json; an int or a list), and the chat template (tokenizer_config.json;
+    a list of named templates gives its 'default')."""
+    def read(name):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                found = json.load(f)
+            return found if isinstance(found, dict) else {}
+        except (OSError, ValueError):
+            return {}
+    eos = read("generation_config.json").get("eos_token_id", read("config.json").get("eos_token_id", eot))
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    config = read("tokenizer_config.json")
+    template = config.get("chat_template")
+    # the special tokens a template may name, as transformers hands them to it (a string, or {"content": ...})
+    tokens = {k: (lambda t: t.get("content", "") if isinstance(t, dict) else t or "")(config.get(k))
+              for k in ("bos_token", "eos_token")}
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not all(type(t) is int for t in eos) or not isinstance(template, (str, type(None))):
+        raise SystemExit(f"error: {folder}: eos_token_id {eos!r} is not a list of ids, or chat_template is not text")
+    return {"stop": sorted(set(eos)), "chat_template": template, "chat_tokens": tokens}
+
+
+def stop_ids(meta):
+    """The ids generation stops at; a meta written before they were recorded: GPT-2's <|endoftext|>, else none."""
+    return meta.get("stop", [meta["eot"]] if meta.get("tokenizer") == "gpt2" else [])
 
 
 def bpe_meta(name):
@@ -131,6 +162,16 @@ def tokenizer_from_meta(meta):
     raise ValueError(f"unknown tokenizer {kind!r} in dataset meta")
 
 
+def text_encoder(meta):
+    """encode: str -> list[int] for text as it is, as a chat template renders it or a benchmark gives it: special
+    tokens written in it (<|im_start|>) kept whole, no BOS added and no document split."""
+    if meta.get("tokenizer") != "hf":
+        return tokenizer_from_meta(meta)[0]
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(meta["tokenizer_json"])
+    return lambda s: tok.encode(s, add_special_tokens=False).ids
+
+
 # ---------------------------------------------------------------------------------------------------
 # Writing tokens
 
@@ -159,12 +200,13 @@ def chunked(text, size=1 << 20):
     return [text[i:i + size] for i in range(0, len(text), size)]
 
 
-def write_dataset(out_dir, meta, train_chunks, val_chunks):
-    """Write train.bin, val.bin and meta.json (with the id dtype) into out_dir."""
+def write_dataset(out_dir, meta, splits):
+    """Write {split}.bin for each of splits ({"train": text chunks, "val": ...}; an evaluation-only dataset
+    has only "val") and meta.json (with the id dtype) into out_dir."""
     encode, _ = tokenizer_from_meta(meta)
     meta = dict(meta, dtype=np.dtype(id_dtype(meta["vocab_size"])).name)
     try:
-        for split, chunks in (("train", train_chunks), ("val", val_chunks)):
+        for split, chunks in splits.items():
             n = write_tokens(chunks, encode, os.path.join(out_dir, f"{split}.bin"), meta["vocab_size"])
             if n < 2:
                 raise SystemExit(f"error: the {split} split has {n} tokens: the text is too short to train on")
@@ -173,7 +215,7 @@ def write_dataset(out_dir, meta, train_chunks, val_chunks):
             json.dump(meta, f)
     except OSError as e:
         raise SystemExit(f"error: cannot write to {out_dir} ({e.strerror})") from None
-    print(f"wrote {out_dir}/train.bin, val.bin, meta.json (tokenizer {meta['tokenizer']}, vocab {meta['vocab_size']})")
+    print(f"wrote {out_dir}/{'.bin, '.join(splits)}.bin, meta.json (tokenizer {meta['tokenizer']}, vocab {meta['vocab_size']})")
 
 
 def read_text(path):
@@ -195,7 +237,7 @@ def prepare_split_text(url, input_path, out_dir, make_meta):
         raise SystemExit("error: the input text is empty")
     print(f"{len(text):,} characters")
     n = int(0.9 * len(text))
-    write_dataset(out_dir, make_meta(text), chunked(text[:n]), chunked(text[n:]))
+    write_dataset(out_dir, make_meta(text), {"train": chunked(text[:n]), "val": chunked(text[n:])})
 
 
 def parse_args(argv, default_out_dir, bpe=False):

@@ -9,8 +9,8 @@ from configurator import read_json
 from model import UsageError
 
 
-def load_dataset(cfg):
-    """The train/val token memmaps and the dataset's meta (tokenizer, vocab size, id dtype), checked.
+def load_dataset(cfg, splits=("train", "val")):
+    """The token memmaps of these splits and the dataset's meta (tokenizer, vocab size, id dtype), checked.
     cfg: data_dir, dataset and block_size."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
     meta_path = os.path.join(folder, "meta.json")
@@ -24,7 +24,7 @@ def load_dataset(cfg):
         raise UsageError(f"{meta_path}: dtype {meta['dtype']!r} / vocab_size {meta['vocab_size']!r} are not "
                          f"uint16|uint32 / a positive whole number: {redo}")
     data = {}
-    for split in ("train", "val"):
+    for split in splits:
         path = os.path.join(folder, f"{split}.bin")
         if not os.path.isfile(path):
             raise UsageError(f"{path} is missing: {redo}")

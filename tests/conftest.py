@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     os.makedirs(root / "tiny")
     n = int(0.9 * len(TEXT))
-    write_dataset(str(root / "tiny"), char_meta(TEXT), chunked(TEXT[:n]), chunked(TEXT[n:]))
+    write_dataset(str(root / "tiny"), char_meta(TEXT), {"train": chunked(TEXT[:n]), "val": chunked(TEXT[n:])})
     return str(root)
 
 
@@ -87,9 +87,10 @@ def bpe_tokenizer(vocab_size=300, specials=("<|endoftext|>", "<|im_start|>", "<|
 
 
 def write_gguf(path, model, qtype="F32", tokenizer=None, arch="llama", tokenizer_model="gpt2", pre="default",
-               add_bos=None, drop=(), encode=None):
+               add_bos=None, drop=(), encode=None, chat_template=None, eos=None):
     """Write one of our models as a GGUF file: llama.* metadata, Q/K rows permuted as llama.cpp does,
-    2-D weights in `qtype` (norms stay F32, as llama.cpp keeps them), the tokenizer as tokenizer.ggml.*.
+    2-D weights in `qtype` (norms stay F32, as llama.cpp keeps them), the tokenizer as tokenizer.ggml.*
+    (end token <|im_end|> unless eos names another id; a chat template if given).
     drop: metadata keys to leave out; encode(array, type): the tensor's bytes (default: gguf's quantize).
     Returns the state dict as the file holds it, dequantized (for the default encode)."""
     import gguf
@@ -117,7 +118,9 @@ def write_gguf(path, model, qtype="F32", tokenizer=None, arch="llama", tokenizer
         w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
         w.add_token_merges(merges)
         w.add_bos_token_id(tokenizer.token_to_id("<|endoftext|>"))
-        w.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
+        w.add_eos_token_id(tokenizer.token_to_id("<|im_end|>") if eos is None else eos)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
         if add_bos is not None:
             w.add_add_bos_token(add_bos)
     held = {}

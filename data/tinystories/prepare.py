@@ -31,4 +31,4 @@ if __name__ == "__main__":
     local, out_dir, meta = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)), bpe=True)
     paths = {split: fetch_text(BASE + name, local and os.path.join(local, name), os.path.join(out_dir, name))
              for split, name in FILES.items()}
-    write_dataset(out_dir, meta, read_chunks(paths["train"]), read_chunks(paths["val"]))
+    write_dataset(out_dir, meta, {"train": read_chunks(paths["train"]), "val": read_chunks(paths["val"])})

