@@ -61,32 +61,33 @@ class Chat:
         except jinja2.exceptions.TemplateError as e:
             raise UsageError(f"the model's chat template fails to render this conversation ({e})") from None
 
-    def tokens(self, messages):
+    def tokens(self, messages, extend=True):
         """The token ids of render(messages). What extends the conversation so far is encoded on its own after
         its tokens, so the replies keep the tokens the model generated (decoding and encoding them again may
-        split them otherwise); a template that renders earlier turns differently is encoded whole."""
+        split them otherwise); a template that renders earlier turns differently (or extend=False: turns were
+        dropped) is encoded whole."""
         text = self.render(messages)
-        if self.text and text.startswith(self.text):
+        if extend and self.text and text.startswith(self.text):
             return self.ids + self.encode(text[len(self.text):])  # special tokens in the text stay whole
         return self.encode(text)
 
     def prompt(self, user, max_new_tokens):
         """(ids, start, max_new_tokens) for the next turn: the conversation's ids with the user's turn, how many
         of them the cache already holds (only the rest is prefilled), and how many tokens the reply may have.
-        When the conversation would pass the context, the oldest turns are dropped (the cache is rebuilt)."""
+        When the conversation would pass the context, the oldest turns are dropped (the cache is rebuilt).
+        A turn that cannot be taken is an error that leaves the conversation as it was."""
         if not user.strip():
             raise UsageError("an empty turn: type something for the model to answer")
         block, first = self.model.config.block_size, int(bool(self.messages) and self.messages[0]["role"] == "system")
-        messages = self.messages + [{"role": "user", "content": user}]
+        messages, dropped = self.messages + [{"role": "user", "content": user}], 0
         ids = self.tokens(messages)
         while len(ids) + max_new_tokens > block and len(messages) - first > 1:  # drop the oldest user/assistant pair
             del messages[first:first + 2]
-            self.dropped += 1
-            self.text, self.ids = "", []  # the start changed: encode it all again
-            ids = self.tokens(messages)
+            dropped += 1
+            ids = self.tokens(messages, extend=False)  # the start changed: encode it all again
         if len(ids) >= block:
             raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context of {block}: shorten it")
-        self.messages = messages
+        self.messages, self.dropped = messages, self.dropped + dropped
         start = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
         start = min(start, len(ids) - 1)  # the last prompt token is always run: its logits give the first reply token
         needed, old = min(block, len(ids) + max_new_tokens), self.model.kv_cache

@@ -173,7 +173,8 @@ def chat(cfg, lines, out, interactive):
     turns = ([cfg.start] if "start" in cfg.explicit else []) + ([] if interactive else lines)
     if interactive:
         out.write("chat: type a message, Enter to send, Ctrl-D to end\n")
-    for n, user in enumerate(turns if not interactive else itertools.chain(turns, iter(lambda: read_turn(out), None))):
+    typed = iter(lambda: read_turn(out), None) if interactive else iter(())  # lines typed, until Ctrl-D
+    for n, user in enumerate(itertools.chain(turns, typed)):
         if interactive and not user.strip():
             out.write("(an empty turn: type something)\n")
             continue
@@ -182,8 +183,14 @@ def chat(cfg, lines, out, interactive):
         if interactive:
             out.write("assistant: ")
         t = time.perf_counter()
-        text = conversation.reply(user.rstrip("\n"), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
-                                  out=out if interactive else None)
+        try:
+            text = conversation.reply(user.rstrip("\n"), cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                                      cfg.top_p, out=out if interactive else None)
+        except UsageError as e:
+            if not interactive:  # piped: the process ends, with the one line
+                raise
+            out.write(f"error: {e}\n")  # on a terminal: say so and take the next turn
+            continue
         if not interactive:
             out.write(text)
         out.write(f"\n[{conversation.reply_tokens} tokens in {time.perf_counter() - t:.1f} s]\n")

@@ -115,8 +115,10 @@ def test_a_full_context_drops_the_oldest_turns(tmp_path, tokenizer):
     kept = [m["content"] for m in chat.messages]
     assert "Give me the" not in kept and kept[-2] == "Where is the love of"  # the oldest went, the newest stayed
     assert len(chat.tokens(chat.messages[:-1])) < 60
+    before = (list(chat.messages), chat.dropped, list(chat.ids))
     with pytest.raises(UsageError, match=r"the prompt is \d+ tokens, longer than the model's context of 60"):
         chat.reply("the " * 80, 10)
+    assert (chat.messages, chat.dropped, chat.ids) == before  # a turn that cannot be taken changes nothing
 
 
 @pytest.mark.parametrize("template,match", [
@@ -179,6 +181,11 @@ def smollm2():
     return path, transformers.AutoTokenizer.from_pretrained(path, gguf_file=name), name
 
 
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2):
+    return import_pretrained(f"gguf:{smollm2[0]}").eval()
+
+
 @real
 def test_smollm2_renders_as_transformers_does(smollm2):
     path, ref, _ = smollm2
@@ -190,10 +197,10 @@ def test_smollm2_renders_as_transformers_does(smollm2):
 
 
 @real
-def test_smollm2_greedy_reply_equals_transformers_generate(smollm2):
+def test_smollm2_greedy_reply_equals_transformers_generate(smollm2, smollm2_model):
     import transformers
     path, ref, name = smollm2
-    model, meta = import_pretrained(f"gguf:{path}").eval(), gguf_meta(path)
+    model, meta = smollm2_model, gguf_meta(path)
     assert meta["stop"] == [2] and ref.convert_ids_to_tokens(2) == "<|im_end|>"
     chat = Chat(model, meta)
     reply = chat.reply(CONVERSATIONS[0][0]["content"], 24, temperature=0)
@@ -206,9 +213,10 @@ def test_smollm2_greedy_reply_equals_transformers_generate(smollm2):
 
 @real
 @pytest.mark.parametrize("sharing", [{}, {"att_share": "echo:7"}, {"kv_share": "echo:7"}], ids=["plain", "att", "kv"])
-def test_smollm2_multi_turn_cache_equals_recompute(smollm2, sharing):
+def test_smollm2_multi_turn_cache_equals_recompute(smollm2, smollm2_model, sharing):
+    from conversion import convert_sharing
     path = smollm2[0]
-    model, meta = import_pretrained(f"gguf:{path}", **sharing).eval(), gguf_meta(path)
+    model, meta = convert_sharing(smollm2_model, **sharing).eval(), gguf_meta(path)
     chat = Chat(model, meta)
     chat.reply("What is the capital of France?", 12, temperature=0)
     ids, start, _ = chat.prompt("And of Italy?", 12)

@@ -149,6 +149,6 @@ def test_smollm2_local_task_equals_lm_evals_hf_backend(monkeypatch):
 def test_smollm2_converted_runs_from_the_command_line():
     path = SMOLLM2.submodule_search_locations[0]
     r = run_eval(f"--init_from=gguf:{path}", "--att_share=echo:7", "--tasks=local_mc",
-                 "--include_path=data/eval_tasks", "--limit=4")
+                 "--include_path=data/eval_tasks", "--limit=2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("local_mc: acc ") and "acc_norm" in r.stdout
