@@ -117,7 +117,7 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
 
 def describe_stage(stage, previous):
     """The layers a stage converts beyond `previous` and what they read, e.g. '26,27<-22 K/V' (layers 26 and 27
-    read layer 22's K/V) or '5<-3 attention'."""
+    read layer 22's K/V) or '5<-3 attention'; 'no layer' if none."""
     changed = []
     for key, kind in (("kv_sources", "K/V"), ("att_sources", "attention")):
         by_source = {}

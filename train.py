@@ -298,10 +298,10 @@ def train(cfg):
     rows = accum * cfg.batch_size  # this rank's rows of each iteration's global batch
     if master:
         log = RunLog(cfg.out_dir, cfg.max_iters, iter_num, resumed=cfg.init_from == "resume")
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, kv_sources={raw_model.kv_sources}, "
-              f"att_sources={raw_model.att_sources}")
+        plain = {key: list(range(len(raw_model.layers))) for key in ("kv_sources", "att_sources")}  # no sharing
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, layers reading another's K/V or attention: "
+              f"{describe_stage({'kv_sources': raw_model.kv_sources, 'att_sources': raw_model.att_sources}, plain)}")
         if len(stages) > 1:  # each stage against the one before it (the first against every layer its own)
-            plain = {key: list(range(len(raw_model.layers))) for key in ("kv_sources", "att_sources")}
             print(f"layer-wise conversion: {len(stages) - 1} stages of {cfg.adapt_iters} iterations, then full "
                   f"fine-tuning; " + " | ".join(f"stage {n}: {describe_stage(st, before)}"
                                                 for n, (st, before) in enumerate(zip(stages[:-1], [plain] + stages))))

@@ -202,3 +202,21 @@ def test_finetune_imported_model_on_its_own_tokens_then_sample(hf_dir, tmp_path)
 def test_imported_model_rejects_data_in_other_tokens(data_dir, hf_dir, tmp_path):
     with pytest.raises(UsageError, match="prepare it with --tokenizer=hf:"):
         run(data_dir, tmp_path, init_from=f"hf:{hf_dir}")
+
+
+def test_the_schedules_worked_example_and_its_stage_lines():
+    """conversion.py's docstring example: echo:7 on 30 layers converts 1, 2, 4, then all 7 readers from the top,
+    and train.py says per stage which layers convert and what they read, not two 30-entry lists."""
+    from conversion import adaptation_stages, describe_stage
+    plain = {"kv_sources": list(range(30)), "att_sources": list(range(30))}
+    stages = adaptation_stages(plain, "echo:7")
+    readers = [sum(s != i for i, s in enumerate(st["kv_sources"])) for st in stages]
+    assert readers == [1, 2, 4, 7, 7] and stages[-1] == dict(stages[-2], freeze=False)
+    lines = [describe_stage(st, before) for st, before in zip(stages[:-1], [plain] + stages)]
+    assert lines == ["29<-22 K/V", "28<-22 K/V", "26,27<-22 K/V", "23,24,25<-22 K/V"]
+    five = {"kv_sources": [0, 1, 2, 3, 4], "att_sources": [0, 1, 2, 3, 4]}
+    both = adaptation_stages(five, "0,0,2,3,4", "0,1,2,2,1")  # both kinds: each stage names its kind
+    assert [describe_stage(st, b) for st, b in zip(both[:-1], [five] + both)] == [
+        "4<-1 attention", "3<-2 attention", "1<-0 K/V"]
+    assert describe_stage(both[-1], five) == "1<-0 K/V; 3<-2 attention; 4<-1 attention"
+    assert describe_stage(plain, plain) == "no layer"
