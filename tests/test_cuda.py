@@ -58,3 +58,20 @@ def test_compiled_bf16_training_step_close_to_eager():
         grads.append(model.layers[1].attention.wk.weight.grad.clone())
     assert abs(losses[0] - losses[1]) < 1e-2
     torch.testing.assert_close(grads[0], grads[1], atol=1e-2, rtol=0.1)
+
+
+def test_stopping_at_end_tokens_syncs_every_16_steps_only():
+    """Asking whether every row has ended waits for the GPU: generation asks every 16 tokens, not every token."""
+    import warnings
+    model = gpu_model("none")
+    idx = torch.randint(0, 256, (2, 8), device="cuda")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in generate_tokens(model, idx, 48, temperature=0, stop={300}):  # an id never sampled
+                pass
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 48 // 16 + 2, [str(w.message) for w in syncs]  # the 3 checks, and at most prefill's own

@@ -167,3 +167,35 @@ def test_mfu_while_layers_are_frozen_counts_what_is_computed(data_dir, pretraine
     for r in logs:  # the stage of a log line is the stage its iterations trained in
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops[r["stage"]] / 1e9), r
     assert {r["stage"] for r in logs} == {0, 1, 2, 3}
+
+
+def test_eval_only_and_eval_datasets(data_dir, pretrained, tmp_path):
+    """eval_only evaluates the model init_from names (here converted one-shot) and stops; an extra val set is
+    evaluated and logged by name, and the run's own dataset named again gives exactly its val loss."""
+    run(data_dir, tmp_path / "e", init_from=f"ckpt:{pretrained}", kv_share="echo:2", eval_only=True, eval_datasets="tiny",
+        max_iters=30)
+    log = read_log(tmp_path / "e")
+    assert len(log) == 1 and log[0]["iter"] == 0 and log[0]["kv_share"] == "echo:2"
+    assert log[0]["eval_losses"] == {"tiny": log[0]["val_loss"]}
+    assert not os.path.exists(tmp_path / "e" / "ckpt.pt")  # nothing trained, nothing saved
+    run(data_dir, tmp_path / "t", init_from=f"ckpt:{pretrained}", eval_datasets="tiny", max_iters=20)
+    evals = [r for r in read_log(tmp_path / "t") if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20] and all(r["eval_losses"]["tiny"] == r["val_loss"] for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_eval_datasets_with_other_tokens_or_none_are_one_line(data_dir, tmp_path):
+    from data.common import gpt2_meta
+    other = os.path.join(data_dir, "other")
+    os.makedirs(other, exist_ok=True)
+    meta = dict(gpt2_meta(), dtype="uint16")  # another tokenizer, written by hand (tiktoken not needed)
+    with open(os.path.join(other, "meta.json"), "w") as f:
+        import json
+        json.dump(meta, f)
+    import numpy as np
+    np.arange(100, dtype=np.uint16).tofile(os.path.join(other, "val.bin"))  # an evaluation-only dataset: val.bin alone
+    for extra, match in [("other", "'other' is tokenized with other tokens than dataset 'tiny'"),
+                         ("absent", "dataset 'absent' is not prepared"), ("val", "'val' names a split")]:
+        r = subprocess.run([sys.executable, "train.py", *tiny_args(data_dir, tmp_path / extra, eval_datasets=extra)],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
