@@ -227,3 +227,28 @@ def test_smollm2_multi_turn_cache_equals_recompute(smollm2, smollm2_model, shari
     # fp32 sums in another order over 30 layers: logits of magnitude ~20 agree to 1e-3, and every argmax is equal
     torch.testing.assert_close(kept, fresh, atol=1e-3, rtol=1e-4)
     assert torch.equal(kept.argmax(-1), fresh.argmax(-1))
+
+
+def test_a_hugging_face_folder_gives_its_end_tokens_and_template(tmp_path, tokenizer):
+    """generation_config.json's eos_token_id (an int or a list) wins over config.json's; tokenizer_config.json
+    gives the chat template (a list of named templates: its 'default') and the special tokens it may name."""
+    import json
+    from data.common import hf_meta, stop_ids
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+
+    def write(name, content):
+        (tmp_path / name).write_text(json.dumps(content))
+
+    write("config.json", {"eos_token_id": 7})
+    assert hf_meta(str(tmp_path))["stop"] == [7] and hf_meta(str(tmp_path))["chat_template"] is None
+    write("generation_config.json", {"eos_token_id": [9, 2, 9]})
+    write("tokenizer_config.json", {"chat_template": [{"name": "tool_use", "template": "x"},
+                                                      {"name": "default", "template": CHATML}],
+                                    "eos_token": {"content": "<|im_end|>"}, "bos_token": "<|endoftext|>"})
+    meta = hf_meta(str(tmp_path))
+    assert stop_ids(meta) == [2, 9] and meta["chat_template"] == CHATML
+    assert meta["chat_tokens"] == {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}
+    assert stop_ids({"tokenizer": "gpt2", "eot": 50256}) == [50256] and stop_ids({"tokenizer": "char"}) == []
+    write("generation_config.json", {"eos_token_id": "two"})
+    with pytest.raises(SystemExit, match="eos_token_id \\['two'\\] is not a list of ids"):
+        hf_meta(str(tmp_path))
