@@ -4,16 +4,15 @@
     python analyze.py layers --out_dir=out-shakespeare-char-cpu --n_producers=2 --plot=layers.png
     python analyze.py layers --init_from=gguf:PATH --dataset=shakespeare_smollm2 --n_producers=23 --batches=4
 
-runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s),
-and with --plot the loss curves against tokens seen and against training seconds (evals excluded), one colour
-per run labelled with its sharing, the layer-wise conversion stages marked. matplotlib is needed only for
---plot.
+runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s, the
+eval_datasets' first and last loss), and with --plot (matplotlib) the loss curves against tokens seen and
+training seconds (evals excluded), a colour per run, eval_datasets dashed, conversion stages marked.
 
 layers: for a model that shares nothing, the one-shot cost of every pair (layer j reading layer i's K/V, or
-reusing its attention), measured on batches from the first half of the val split; the layers' K/V and
-attention-map similarities; the cheapest kv_share and att_share with --n_producers layers computing their
-own; and each whole spec measured one-shot beside echo, CLA and EchoAtt's most-similar choice, on held-out
-batches from the second half. The last two lines are the chosen specs, ready for train.py.
+reusing its attention) on batches from the first half of the val split; K/V and attention-map similarities;
+the cheapest kv_share and att_share with --n_producers layers computing their own; each whole spec one-shot
+beside echo, CLA and EchoAtt's most-similar choice, on held-out batches from the second half. The last two
+lines are the chosen specs, ready for train.py.
 """
 import contextlib
 import itertools
@@ -85,8 +84,9 @@ def stage_starts(records, x):
 def plot_runs(runs, file):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    extra = {}  # eval_datasets: name -> its line style (dashed, -., :), in each run's colour
     for i, run in enumerate(runs):
-        color, label = f"C{i}", f"{run['name']} ({sharing(run['evals'][-1])})"
+        color, label = f"C{i}", f"{run['name']} ({sharing(run['evals'][-1])[:20]})"  # a long list: its start
         train = sorted(run["train"], key=lambda r: r["iter"])
         for ax, x in zip(axes, ("tokens", "train_seconds")):
             # with distillation the training loss mixes in the KL: plot its cross-entropy part
@@ -94,8 +94,9 @@ def plot_runs(runs, file):
             ax.plot([r[x] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], color=color, marker="o",
                     ms=3, lw=1.5, label=label)
             for style, name in zip(("--", "-.", ":"), run["evals"][-1].get("eval_losses", {})):  # eval_datasets
-                ax.plot([r[x] for r in run["evals"]], [r.get("eval_losses", {}).get(name, math.nan) for r in run["evals"]], color=color,
-                        ls=style, marker="s", ms=3, lw=1.2, label=f"{label}: {name}")
+                extra.setdefault(name, "dashed" if style == "--" else style)
+                ax.plot([r[x] for r in run["evals"]], [r.get("eval_losses", {}).get(name, math.nan)
+                                                      for r in run["evals"]], color=color, ls=style, marker="s", ms=3, lw=1.2)
             for start in stage_starts(train, x):
                 ax.axvline(start, color=color, ls=":", lw=1)
     axes[0].set(xlabel="tokens seen", ylabel="loss (line: val; faint: train)")
@@ -103,8 +104,9 @@ def plot_runs(runs, file):
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    if any(stage_starts(sorted(run["train"], key=lambda r: r["iter"]), "iter") for run in runs):
-        fig.suptitle("dotted: a layer-wise conversion stage begins", fontsize=9)
+    staged = any(stage_starts(sorted(run["train"], key=lambda r: r["iter"]), "iter") for run in runs)
+    fig.suptitle("; ".join([f"{style}: {name}" for name, style in extra.items()]
+                           + ["dotted: a layer-wise conversion stage begins"] * staged), fontsize=9)
     save_figure(fig, file, dpi=90)
     plt.close(fig)
 
