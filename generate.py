@@ -13,6 +13,11 @@ def cache_len(model, prompt_len, max_new_tokens):
     return min(model.config.block_size, prompt_len + max_new_tokens)
 
 
+# Tokens between asks whether every row has ended. Asking makes the host wait for the device: on a GPU that
+# would stall every step, so there generation asks every 16 tokens (and may run up to 15 past the last end).
+STOP_CHECK_EVERY = {"cpu": 1}
+
+
 @torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None,
                     step=None, stop=(), cached=None):
@@ -43,8 +48,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     pos = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)
     stop = torch.tensor(sorted(stop), device=idx.device) if stop else None
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
-    # asking whether every row is done makes the host wait for the GPU: there, ask every 16 tokens only
-    check_every = 1 if idx.device.type == "cpu" else 16
+    check_every = STOP_CHECK_EVERY.get(idx.device.type, 16)
     for n in range(max_new_tokens):
         token = sample_logits(logits, temperature, top_k, top_p, vocab_limit)  # (B, 1)
         yield token

@@ -252,3 +252,18 @@ def test_a_hugging_face_folder_gives_its_end_tokens_and_template(tmp_path, token
     write("generation_config.json", {"eos_token_id": "two"})
     with pytest.raises(SystemExit, match="eos_token_id \\['two'\\] is not a list of ids"):
         hf_meta(str(tmp_path))
+
+
+def test_every_row_ended_is_asked_every_check_every_tokens(monkeypatch):
+    """The GPU's interval, run on the CPU: once every row has ended, generation runs on to the next ask (the
+    16th token), not one token further; asked every token, it ends at the end token itself."""
+    import generate
+    torch.manual_seed(1)
+    model = LLaMA(ModelConfig(vocab_size=37, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=36)).eval()
+    idx = torch.randint(0, 37, (1, 5))
+    free = torch.cat(list(generate_tokens(model, idx, 40, temperature=0)), 1)[0].tolist()
+    end = free[2]
+    first = free.index(end)
+    assert len(list(generate_tokens(model, idx, 40, temperature=0, stop={end}))) == first + 1
+    monkeypatch.setitem(generate.STOP_CHECK_EVERY, "cpu", 16)
+    assert len(list(generate_tokens(model, idx, 40, temperature=0, stop={end}))) == 16 * (first // 16 + 1)
