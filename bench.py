@@ -18,7 +18,6 @@ rounds. MFU and MBU are against the datasheet peak of a listed GPU, else against
 import json
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch

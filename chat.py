@@ -8,7 +8,7 @@ KV cache kept between turns, so that a new turn prefills only the tokens that fo
 import torch
 
 from data.common import stop_ids, text_encoder, tokenizer_from_meta
-from generate import generate_tokens, until_stop
+from generate import generate_tokens, regrow_cache, until_stop
 from model import UsageError
 
 
@@ -94,11 +94,8 @@ class Chat:
         if old is None or old.k.size(1) != 1:  # no cache of ours yet
             self.model.kv_cache, start = None, 0
             self.model.setup_cache(1, needed)
-        elif old.max_len < needed:  # grow it (doubling) and keep what it holds: a position's K/V do not change
-            self.model.kv_cache = None
-            self.model.setup_cache(1, min(block, max(needed, 2 * old.max_len)))
-            for new, kept in ((self.model.kv_cache.k, old.k), (self.model.kv_cache.v, old.v)):
-                new[:, :, :, :old.max_len] = kept
+        elif old.max_len < needed:  # grow it (doubling), keeping what it holds
+            regrow_cache(self.model, 1, min(block, max(needed, 2 * old.max_len)))
         return ids, start, min(max_new_tokens, block - len(ids))
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, check_device, configure, precision, run_main
 from conversion import convert_sharing
 from data.common import bpe_meta, stop_ids, text_encoder, tokenizer_from_meta
-from generate import generate_tokens
+from generate import generate_tokens, regrow_cache
 from model import UsageError
 from pretrained import IMPORTS, import_pretrained
 
@@ -96,11 +96,7 @@ class HarnessModel(TemplateLM):
         logprobs = [F.log_softmax(first[0, -1].float(), -1)] * n  # what each continuation's first token gets
         rows = [[] for _ in continuations]
         if longest > 1:  # the cache's one row copied to every continuation; then all of them at offset C
-            one = self.model.kv_cache
-            self.model.kv_cache = None
-            self.model.setup_cache(n, C + longest - 1)
-            for mine, theirs in ((self.model.kv_cache.k, one.k), (self.model.kv_cache.v, one.v)):
-                mine.copy_(theirs.expand_as(mine))
+            regrow_cache(self.model, n, C + longest - 1)
             fed = self.tensor([c[:-1] + [0] * (longest - len(c)) for c in continuations])  # (n, longest - 1)
             logits = self.model(fed, input_pos=torch.arange(C, C + longest - 1, device=self.where), all_logits=True)[0]
             rows = [F.log_softmax(logits[r].float(), -1) for r in range(n)]  # (longest - 1, V) each

@@ -73,6 +73,15 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return torch.cat([idx] + new, dim=1)
 
 
+def regrow_cache(model, batch_size, max_len):
+    """Give the model a cache of batch_size x max_len that keeps what its cache holds: the positions (a position's
+    K/V do not depend on the cache's length) and, from a one-row cache, that row for every sequence."""
+    old, model.kv_cache = model.kv_cache, None
+    model.setup_cache(batch_size, max_len)
+    for new, kept in ((model.kv_cache.k, old.k), (model.kv_cache.v, old.v)):
+        new[:, :, :, :old.max_len] = kept  # (slots, B, KVH, S, hd): a one-row cache broadcasts over B
+
+
 def until_stop(row, stop):
     """A row of generated ids up to (not including) its first stop id."""
     return next((row[:i] for i, t in enumerate(row) if t in stop), row)

@@ -89,7 +89,7 @@ def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
     the head is tied to it), and each layer's reads of the cache over `context` positions, counted per layer
     as they happen: a V slot (its own, or a K/V consumer's producer's: read again by each reader), and a K slot,
     except an attention consumer, which reads its source's probabilities (B x n_head x context) instead."""
-    d, (kv_sources, att_sources) = cfg.n_embd, resolve_sharing(cfg)
+    d, att_sources = cfg.n_embd, resolve_sharing(cfg)[1]
     weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
     slot = batch_size * cfg.n_kv_head * context * cfg.head_dim
     probs = batch_size * cfg.n_head * context
