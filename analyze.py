@@ -2,7 +2,8 @@
 
     python analyze.py runs out-shakespeare-char-cpu out-shakespeare-char-cpu-echo --plot=curves.png
     python analyze.py layers --out_dir=out-shakespeare-char-cpu --n_producers=2 --plot=layers.png
-    python analyze.py layers --init_from=gguf:PATH --dataset=shakespeare_smollm2 --n_producers=23 --batches=4
+    python analyze.py layers --init_from=gguf:PATH --dataset=teacher_smollm2 --n_consumers=2,4,7 --batches=4
+    python analyze.py frontier out-original out-kv-7 out-att-7 ... --dataset=wikitext2_smollm2 --plot=frontier.png
 
 runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s, the
 eval_datasets' first and last loss), and with --plot (matplotlib) the loss curves against tokens seen and
@@ -10,9 +11,13 @@ training seconds (evals excluded), a colour per run, eval_datasets dashed, conve
 
 layers: for a model that shares nothing, the one-shot cost of every pair (layer j reading layer i's K/V, or
 reusing its attention) on batches from the first half of the val split; K/V and attention-map similarities;
-the cheapest kv_share and att_share with --n_producers layers computing their own; each whole spec one-shot
-beside echo, CLA and EchoAtt's most-similar choice, on held-out batches from the second half. The last two
-lines are the chosen specs, ready for train.py.
+the cheapest kv_share and att_share with --n_consumers layers reading another's (or --n_producers keeping
+their own); each whole spec one-shot beside echo, CLA and EchoAtt's most-similar choice, on held-out batches
+from the second half. The last lines are the chosen specs, ready for train.py.
+
+frontier: for converted runs beside the original (all with --eval_datasets), the gap to the original on a
+held-out set one-shot and after training, what each saves (cache, parameters), local_mc accuracy where eval.py
+wrote it (RUN/local_mc.json, RUN/local_mc_oneshot.json), the most consumers within --within nats per kind.
 """
 import contextlib
 import itertools
@@ -29,96 +34,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, same_tokens
-from configurator import check_device, configure, run_main
+from checkpoint import load_checkpoint
+from configurator import check_device, configure, read_json, run_main
 from conversion import convert_sharing
 from model import UsageError
-from plotting import pyplot, save_figure
+from plotting import plot_frontier, plot_layers, plot_runs
 from pretrained import IMPORTS, load_pretrained
+from runlog import read_run, sharing
 from data.loader import get_batch, load_dataset
-
-
-def read_run(folder):
-    """A run's log.jsonl as {'name', 'train': log lines, 'evals': eval lines}, checked."""
-    path = os.path.join(folder, "log.jsonl")
-    if not os.path.isdir(folder):
-        raise UsageError(f"{folder}: no such run folder")
-    if not os.path.isfile(path):
-        raise UsageError(f"{folder} has no log.jsonl: not a train.py out_dir")
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UsageError(f"{path}: line {n} is not JSON") from None
-    evals = [r for r in records if "val_loss" in r]
-    if not evals:
-        raise UsageError(f"{path} has no eval line yet")
-    if "tokens" not in evals[-1]:
-        raise UsageError(f"{path} was written by an older train.py (no tokens or train_seconds): re-run it")
-    return {"name": os.path.basename(os.path.normpath(folder)), "train": [r for r in records if "loss" in r],
-            "evals": evals}
-
-
-def sharing(record):
-    """A log line's sharing, e.g. 'echo:2', 'att 0,0,2,2' or 'none'."""
-    kv, att = record.get("kv_share", "none"), record.get("att_share", "none")
-    return " ".join([kv] * (kv != "none") + [f"att {att}"] * (att != "none")) or "none"
-
-
-def summary(run):
-    last = run["evals"][-1]
-    return {"run": run["name"], "sharing": sharing(last), "final val": last["val_loss"],
-            "best val": min(r["val_loss"] for r in run["evals"]), "tokens": last["tokens"],
-            "train s": last["train_seconds"],
-            "tok/s": last["tokens"] / last["train_seconds"] if last["train_seconds"] else float("nan")}
-
-
-def stage_starts(records, x):
-    """x positions where a layer-wise conversion entered a new stage: right after the old stage's last line."""
-    return [a[x] for a, b in zip(records, records[1:]) if b["stage"] != a["stage"]]
-
-
-def plot_runs(runs, file):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    extra = {}  # eval_datasets: name -> its line style (dashed, -., :), in each run's colour
-    for i, run in enumerate(runs):
-        color, label = f"C{i}", f"{run['name']} ({sharing(run['evals'][-1])[:20]})"  # a long list: its start
-        train = sorted(run["train"], key=lambda r: r["iter"])
-        for ax, x in zip(axes, ("tokens", "train_seconds")):
-            # with distillation the training loss mixes in the KL: plot its cross-entropy part
-            ax.plot([r[x] for r in train], [r.get("ce", r["loss"]) for r in train], color=color, alpha=0.3, lw=1)
-            ax.plot([r[x] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], color=color, marker="o",
-                    ms=3, lw=1.5, label=label)
-            for style, name in zip(("--", "-.", ":"), run["evals"][-1].get("eval_losses", {})):  # eval_datasets
-                extra.setdefault(name, "dashed" if style == "--" else style)
-                ax.plot([r[x] for r in run["evals"]], [r.get("eval_losses", {}).get(name, math.nan)
-                                                      for r in run["evals"]], color=color, ls=style, marker="s", ms=3, lw=1.2)
-            for start in stage_starts(train, x):
-                ax.axvline(start, color=color, ls=":", lw=1)
-    axes[0].set(xlabel="tokens seen", ylabel="loss (line: val; faint: train)")
-    axes[1].set(xlabel="training seconds (evals excluded)")
-    axes[0].legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    staged = any(stage_starts(sorted(run["train"], key=lambda r: r["iter"]), "iter") for run in runs)
-    fig.suptitle("; ".join([f"{style}: {name}" for name, style in extra.items()]
-                           + ["dotted: a layer-wise conversion stage begins"] * staged), fontsize=9)
-    save_figure(fig, file, dpi=90)
-    plt.close(fig)
 
 
 def runs_main(dirs, args):
     runs = [read_run(folder) for folder in dirs]
-    rows = [summary(r) for r in runs]
     print(f"{'run':32} {'sharing':>12} {'final val':>10} {'best val':>10} {'tokens':>12} {'train s':>9} {'tok/s':>9}")
-    for r, run in zip(rows, runs):
-        extra = run["evals"][-1].get("eval_losses", {})  # the eval_datasets, first eval -> last
-        print(f"{r['run'][:32]:32} {r['sharing'][:12]:>12} {r['final val']:10.4f} {r['best val']:10.4f} "
-              f"{r['tokens']:12,} {r['train s']:9.1f} {r['tok/s']:9,.0f}"
+    for run in runs:
+        last, extra = run["evals"][-1], run["evals"][-1].get("eval_losses", {})  # extra: eval_datasets
+        tok_s = last["tokens"] / last["train_seconds"] if last["train_seconds"] else float("nan")
+        print(f"{run['name'][:32]:32} {sharing(last)[:12]:>12} {last['val_loss']:10.4f} "
+              f"{min(r['val_loss'] for r in run['evals']):10.4f} {last['tokens']:12,} {last['train_seconds']:9.1f} {tok_s:9,.0f}"
               + "".join(f"  {k} {run['evals'][0].get('eval_losses', {}).get(k, math.nan):.4f} -> {v:.4f}" for k, v in extra.items()))
     if args.plot:
         plot_runs(runs, args.plot)
@@ -192,7 +125,7 @@ def plain_pass(model, idx):
     x, inputs, seen = model.tok_embeddings(idx), [], []
     for i in range(len(model.layers)):
         inputs.append(x)
-        x = model.layer_step(i, x, seen, *rope)
+        x = model.layer_step(i, x, seen, rope=rope)
     return inputs, seen
 
 
@@ -203,7 +136,7 @@ def loss_from(model, j, x, seen, targets):
     rope = model.rope_cos[:x.size(1)], model.rope_sin[:x.size(1)]
     seen = list(seen)
     for i in range(j, len(model.layers)):
-        x = model.layer_step(i, x, seen, *rope)
+        x = model.layer_step(i, x, seen, rope=rope)
     logits = model.output(model.norm(x)).float()                                  # (B, T, V)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)).item()
 
@@ -293,34 +226,6 @@ def matrix_table(name, m, fmt):
     return "\n".join(lines)
 
 
-def plot_layers(kv_cost, att_cost, kv_sim, att_sim, file, title):
-    plt = pyplot()
-    L = len(kv_cost)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8.5))
-    upper = np.triu(np.ones((L, L), dtype=bool), 1)
-    ticks = range(0, L, 1 if L <= 12 else 5)
-    for ax, m, name, cmap in zip(axes.flat, (kv_cost, att_cost, kv_sim, att_sim),
-                                 ("cost: loss rise when j reads i's K/V", "cost: loss rise when j reuses i's attention",
-                                  "K/V similarity (cosine)", "attention-map similarity (cosine, EchoAtt's Fig. 2)"),
-                                 ("magma_r", "magma_r", "viridis", "viridis")):
-        shown = np.ma.masked_where(~upper, m)
-        # a few very costly pairs (a layer reading layer 0, say) would wash out the rest: costs are coloured up
-        # to their 95th percentile, the few above it in the darkest colour
-        top = np.percentile(m[upper], 95) if "cost" in name and L > 12 else None
-        im = ax.imshow(shown, cmap=cmap, vmax=top)
-        for i, j in zip(*np.nonzero(upper)) if L <= 12 else ():
-            r, g, b, _ = im.cmap(im.norm(m[i, j]))
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w")  # readable on its cell
-        ax.set(title=name + (" (colour capped at the 95th pct.)" if top is not None else ""), xlabel="reader j",
-               ylabel="source i", xticks=ticks, yticks=ticks)
-        ax.title.set_fontsize(9)
-        fig.colorbar(im, ax=ax, fraction=0.046, extend="max" if top is not None else "neither")
-    fig.suptitle(title, fontsize=10)
-    save_figure(fig, file, dpi=80)
-    plt.close(fig)
-
-
 def layers_main(args):
     check_device(args.device)
     if bool(args.out_dir) == bool(args.init_from):
@@ -330,34 +235,25 @@ def layers_main(args):
                          f"use --out_dir)")
     if min(args.batches, args.heldout_batches, args.batch_size) < 1:
         raise UsageError("--batches, --heldout_batches and --batch_size must be at least 1")
+    config = {}  # a train.py run's own settings: its dataset, data_dir and context unless given
     if args.out_dir:
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(path, require=("meta",))
+        ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), require=("meta",))
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        dataset = args.dataset or config.get("dataset")
-        if not dataset:
-            raise UsageError(f"{path} does not name its dataset: give --dataset=NAME")
-        cfg = SimpleNamespace(data_dir=args.data_dir or config.get("data_dir", "data"), dataset=dataset,
-                              block_size=args.block_size or config.get("block_size", 0))
-    else:
-        if not args.dataset:
-            raise UsageError("--init_from needs --dataset=NAME, a dataset prepared with its tokenizer")
-        cfg = SimpleNamespace(data_dir=args.data_dir or "data", dataset=args.dataset, block_size=args.block_size or 512)
+    dataset = args.dataset or config.get("dataset")
+    if not dataset:
+        raise UsageError(f"{'the checkpoint does not name its dataset' if args.out_dir else '--init_from needs --dataset=NAME'}"
+                         f": give --dataset=NAME, a dataset prepared with the model's tokenizer")
+    cfg = SimpleNamespace(data_dir=args.data_dir or config.get("data_dir", "data"), dataset=dataset,
+                          block_size=args.block_size or config.get("block_size", 512))
     if cfg.block_size < 1:
         raise UsageError("--block_size must be at least 1")
     data, meta = load_dataset(cfg)
-    if args.out_dir:
-        if not isinstance(ckpt["meta"], dict) or not same_tokens(ckpt["meta"], meta):
-            raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
-        model = model_from_checkpoint(ckpt, path)
-    else:
-        model = load_pretrained(args.init_from, meta, cfg.dataset)
+    model = load_pretrained(f"ckpt:{args.out_dir}" if args.out_dir else args.init_from, meta, cfg.dataset)
     if model.kv_sources != list(range(len(model.layers))) or model.att_sources != list(range(len(model.layers))):
         raise UsageError(f"the model already shares (kv_share={model.config.kv_share}, att_share="
                          f"{model.config.att_share}): analyze the model it was converted from")
     L = model.config.n_layer
-    if not 1 <= args.n_producers <= L:
-        raise UsageError(f"--n_producers={args.n_producers}: expected 1 to n_layer={L}")
+    counts = consumer_counts(args, L)
     cfg.block_size = min(cfg.block_size, model.config.block_size)
     model = model.to(args.device).eval()
     # the specs are chosen on batches from the first half of the val split and judged on batches from the
@@ -375,9 +271,6 @@ def layers_main(args):
     cost, base = share_costs(model, batches, "kv")
     att_cost, _ = share_costs(model, batches, "att")
     kv_sim, att_sim = layer_similarities(model, batches[:args.similarity_batches])
-    n = args.n_producers
-    sources, exact = choose_sources(cost, n)
-    att_sources, _ = choose_sources(att_cost, n)
     name = args.out_dir or args.init_from
     print(f"{name}: {L} layers, val loss {base:.4f} over {args.batches} batches of {args.batch_size} x {cfg.block_size} "
           f"(first half of val); {2 * len(cost) * (len(cost) - 1) // 2} pair costs in {time.time() - t0:.0f} s")
@@ -385,9 +278,52 @@ def layers_main(args):
     print(matrix_table("cost: rise in val loss when layer j reuses layer i's attention (q and k)", att_cost, ".3f"))
     print(matrix_table("K/V similarity: mean cosine of K and V vectors per head and position", kv_sim, ".2f"))
     print(matrix_table("attention similarity: mean cosine of the causal attention maps per head", att_sim, ".2f"))
-    print(f"chosen ({'exact: every source set tried' if exact else 'greedy: too many source sets to try'}), {n} of {L} "
-          f"layers computing their own: kv_sources={sources}, summed pairwise cost {summed_cost(cost, sources):.4f}; "
-          f"att_sources={att_sources}, summed pairwise cost {summed_cost(att_cost, att_sources):.4f}")
+    heldout_base = mean_loss(model, heldout)
+    report = {"source": name, "dataset": cfg.dataset, "n_layer": L, "base": base, "heldout_base": heldout_base,
+              "kv_cost": cost.tolist(), "att_cost": att_cost.tolist(), "chosen": {}}
+    for n_consumers in counts:
+        report["chosen"][n_consumers] = choose_and_judge(model, n_consumers, cost, att_cost, att_sim, heldout, heldout_base)
+    if args.plot:
+        short = name if len(name) <= 40 else f"{name.partition(':')[0]}:{os.path.basename(name.rstrip('/'))}"
+        plot_layers(cost, att_cost, kv_sim, att_sim, args.plot, f"{short}: which layers can share K/V or attention")
+        print(f"wrote {args.plot}")
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(report, f)
+        print(f"wrote {args.save}")
+    for n_consumers, chosen in report["chosen"].items():  # the last lines go to train.py as they are
+        prefix = f"{n_consumers} consumers: " if len(counts) > 1 else ""
+        print(f"{prefix}kv_share={chosen['kv_share']}")
+        print(f"{prefix}att_share={chosen['att_share']}")
+
+
+def consumer_counts(args, n_layer):
+    """The numbers of consumers to choose specs for: --n_consumers=N[,N...] (as echo:N counts), or
+    --n_producers=P (the layers that stay their own source: n_layer - P consumers)."""
+    if "n_producers" in args.explicit:
+        if not 1 <= args.n_producers <= n_layer:
+            raise UsageError(f"--n_producers={args.n_producers}: expected 1 to n_layer={n_layer}")
+        return [n_layer - args.n_producers]
+    try:
+        counts = [int(c) for c in str(args.n_consumers).split(",")]
+    except ValueError:
+        raise UsageError(f"--n_consumers={args.n_consumers!r}: expected whole numbers, e.g. 7 or 2,4,7") from None
+    if not all(0 <= c <= n_layer - 1 for c in counts):
+        raise UsageError(f"--n_consumers={args.n_consumers}: each must be 0 to n_layer-1 = {n_layer - 1}")
+    return counts
+
+
+def choose_and_judge(model, n_consumers, cost, att_cost, att_sim, heldout, heldout_base):
+    """The cheapest kv_share and att_share with n_consumers consumers, beside the fixed patterns with as many,
+    each converted one-shot and judged on the held-out batches. Returns the chosen specs and every loss."""
+    L = len(cost)
+    n = L - n_consumers  # layers that stay their own source
+    sources, exact = choose_sources(cost, n)
+    att_sources, _ = choose_sources(att_cost, n)
+    print(f"chosen ({'exact: every source set tried' if exact else 'greedy: too many source sets to try'}), "
+          f"{n_consumers} of {L} layers consumers: kv_sources={sources}, summed pairwise cost "
+          f"{summed_cost(cost, sources):.4f}; att_sources={att_sources}, summed pairwise cost "
+          f"{summed_cost(att_cost, att_sources):.4f}")
     # pairwise costs do not add up: measure each whole spec, converted one-shot with the sources' own weights
     candidates = [("K/V, chosen by cost", ",".join(map(str, sources)), "none")]
     if n < L:
@@ -399,20 +335,70 @@ def layers_main(args):
     candidates.append(("attention, by similarity", "none", ",".join(map(str, by_similarity))))
     if n < L:
         candidates.append((f"attention, echo:{L - n}", "none", f"echo:{L - n}"))
-    heldout_base = mean_loss(model, heldout)
-    print(f"one-shot val loss with {L - n} layers sharing, no training, on {len(heldout)} held-out batches (second half "
-          f"of val, not used to choose; the unconverted model: {heldout_base:.4f}):")
+    print(f"one-shot val loss with {n_consumers} layers sharing, no training, on {len(heldout)} held-out batches (second "
+          f"half of val, not used to choose; the unconverted model: {heldout_base:.4f}):")
+    losses = {}
     for label, kv_share, att_share in candidates:
         converted = convert_sharing(model, kv_share, att_share).eval()
         which = converted.kv_sources if kv_share != "none" else converted.att_sources
-        print(f"  {label:32} {'kv' if kv_share != 'none' else 'att'}_sources={which}  "
-              f"val loss {mean_loss(converted, heldout):.4f}")
+        losses[label] = mean_loss(converted, heldout)
+        print(f"  {label:32} {'kv' if kv_share != 'none' else 'att'}_sources={which}  val loss {losses[label]:.4f}")
+    return {"kv_share": ",".join(map(str, sources)), "att_share": ",".join(map(str, att_sources)), "heldout": losses}
+
+
+# ----------------------------------------------------------------------------------------------------
+# frontier: what each conversion keeps against what it saves, from the runs' logs
+
+def frontier_point(run, dataset, reference):
+    """One run as a frontier point: its kind, consumers, the gap to the original on `dataset` one-shot (first
+    eval) and at the end (last eval), what it saves, and local_mc accuracy where eval.py wrote it beside the run."""
+    first, last = run["evals"][0], run["evals"][-1]
+    if dataset not in last.get("eval_losses", {}) or "kv_bytes_per_token" not in last:
+        raise UsageError(f"{run['name']} has no {dataset} loss or no cost figures: run train.py with "
+                         f"--eval_datasets={dataset}")
+    kv = [i for i, s in enumerate(last["kv_sources"]) if s != i]
+    att = [i for i, s in enumerate(last["att_sources"]) if s != i]
+    files = {"one-shot": "local_mc_oneshot.json", "after": "local_mc.json"}
+    accuracy = {when: read_json(os.path.join(run["folder"], file), "eval.py's results")["results"]["local_mc"]["acc,none"]
+                for when, file in files.items() if os.path.isfile(os.path.join(run["folder"], file))}
+    ref = reference["evals"][0]
+    return {"run": run["name"], "kind": "K/V" if kv else "attention" if att else "none", "consumers": len(kv + att),
+            "iters": last["iter"], "one-shot": first["eval_losses"][dataset] - ref["eval_losses"][dataset],
+            "after": last["eval_losses"][dataset] - ref["eval_losses"][dataset],
+            "cache saved": 1 - last["kv_bytes_per_token"] / ref["kv_bytes_per_token"],
+            "params saved": ref["params"] - last["params"], "acc": accuracy}
+
+
+def frontier_main(dirs, args):
+    runs = [read_run(folder) for folder in dirs]
+    plain = [r for r in runs if all(s == i for key in ("kv_sources", "att_sources")
+                                    for i, s in enumerate(r["evals"][-1].get(key, [])))]
+    if not plain:
+        raise UsageError("frontier needs the original among the runs: one that shares nothing (train.py "
+                         "--eval_only=True with the same eval_datasets)")
+    dataset = args.dataset or next(iter(plain[0]["evals"][-1].get("eval_losses", {})), "")
+    points = sorted((frontier_point(r, dataset, plain[0]) for r in runs if r not in plain),
+                    key=lambda p: (p["kind"], p["consumers"], p["iters"]))
+    print(f"gap to the original on {dataset} (nats; the original: {plain[0]['name']}), one-shot -> after training")
+    print(f"{'run':28} {'kind':>9} {'consumers':>9} {'iters':>5} {'one-shot':>9} {'after':>8} {'cache saved':>11} "
+          f"{'params saved':>12} {'local_mc one-shot -> after':>27}")
+    for p in points:
+        acc = " -> ".join(f"{p['acc'][w]:.3f}" if w in p["acc"] else "-" for w in ("one-shot", "after"))
+        print(f"{p['run'][:28]:28} {p['kind']:>9} {p['consumers']:>9} {p['iters']:>5} {p['one-shot']:>+9.3f} "
+              f"{p['after']:>+8.3f} {p['cache saved']:>11.1%} {p['params saved']:>12,} {acc:>27}")
+    for kind in ("K/V", "attention"):
+        within = [p["consumers"] for p in points if p["kind"] == kind and p["after"] <= args.within]
+        print(f"{kind}: the most consumers within {args.within} nats after training: {max(within, default='none')}")
     if args.plot:
-        short = name if len(name) <= 40 else f"{name.partition(':')[0]}:{os.path.basename(name.rstrip('/'))}"
-        plot_layers(cost, att_cost, kv_sim, att_sim, args.plot, f"{short}: which layers can share K/V or attention")
+        plot_frontier(points, dataset, args.plot)
         print(f"wrote {args.plot}")
-    print(f"kv_share={','.join(map(str, sources))}")
-    print(f"att_share={','.join(map(str, att_sources))}")
+
+
+@dataclass
+class FrontierConfig:
+    dataset: str = ""             # the eval_datasets entry judged (default: the original's first)
+    within: float = 0.10          # the gap (nats) the largest N is named for
+    plot: str = ""                # write gap against cache saved to this PNG
 
 
 @dataclass
@@ -426,7 +412,8 @@ class LayersConfig:
     init_from: str = ""           # ... or hf:DIR (a Hugging Face LLaMA) or gguf:FILE
     dataset: str = ""             # the dataset to evaluate on (default: the checkpoint's)
     data_dir: str = ""            # where datasets live (default: the checkpoint's, else data)
-    n_producers: int = 0          # how many layers keep their own K/V (attention sharing: their own attention)
+    n_consumers: str = ""         # how many layers read another's, as echo:N counts: N, or a list N,N,... (costs once)
+    n_producers: int = 0          # or: how many layers keep their own K/V (attention sharing: their own attention)
     batches: int = 20             # val batches for the costs (first half of val)
     heldout_batches: int = 20     # val batches (second half) on which the chosen and fixed specs are judged
     similarity_batches: int = 4   # of the cost batches, for the similarities
@@ -435,6 +422,7 @@ class LayersConfig:
     seed: int = 1337
     device: str = "cpu"
     plot: str = ""                # write the four heat maps to this PNG
+    save: str = ""                # write the costs, the chosen specs and their held-out losses to this JSON file
 
 
 def main(argv):
@@ -446,14 +434,20 @@ def main(argv):
         if not dirs:
             raise UsageError("analyze.py runs needs at least one train.py out_dir: analyze.py runs DIR [DIR ...]")
         runs_main(dirs, cfg)
+    elif mode == "frontier":
+        dirs = [a for a in rest if not a.startswith("--")]
+        if not dirs:
+            raise UsageError("analyze.py frontier needs train.py out_dirs: the original and the converted runs")
+        frontier_main(dirs, configure(FrontierConfig(), [a for a in rest if a.startswith("--")]))
     elif mode == "layers":
         cfg = configure(LayersConfig(), rest)
-        if "n_producers" not in cfg.explicit:
-            raise UsageError("analyze.py layers needs --n_producers=N: how many layers keep their own K/V")
+        if ("n_consumers" in cfg.explicit) == ("n_producers" in cfg.explicit):
+            raise UsageError("analyze.py layers needs --n_consumers=N[,N...] (layers that read another's, as echo:N "
+                             "counts) or --n_producers=P (layers that keep their own), one of the two")
         layers_main(cfg)
     else:
-        raise UsageError(f"unknown mode {mode!r}: expected 'runs' (analyze.py runs DIR ...) or 'layers' "
-                         f"(analyze.py layers --key=value ...)")
+        raise UsageError(f"unknown mode {mode!r}: expected 'runs' (analyze.py runs DIR ...), 'frontier' "
+                         f"(analyze.py frontier DIR ...) or 'layers' (analyze.py layers --key=value ...)")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class Chat:
         start = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
         start = min(start, len(ids) - 1)  # the last prompt token is always run: its logits give the first reply token
         needed, old = min(block, len(ids) + max_new_tokens), self.model.kv_cache
-        if old is None or old.k.size(1) != 1:  # no cache of ours yet
+        if old is None or old.batch_size != 1:  # no cache of ours yet
             self.model.kv_cache, start = None, 0
             self.model.setup_cache(1, needed)
         elif old.max_len < needed:  # grow it (doubling), keeping what it holds

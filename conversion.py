@@ -13,26 +13,17 @@ from dataclasses import replace
 
 import torch
 
-from model import LLaMA, UsageError, resolve_sharing
+from model import LLaMA, UsageError, projection_sources, resolve_sharing
 
 
 # ----------------------------------------------------------------------------------------------------
 # The surgery: a model with other specs and the same weights
 
-def projection_owner(kv_sources, att_sources, i, w):
-    """The layer whose projection w ('wq', 'wk' or 'wv') layer i attends with."""
-    if w == "wq":
-        return att_sources[i]
-    if w == "wk":  # a K/V consumer's producer, an attention consumer's source's producer, else i itself
-        return kv_sources[att_sources[i]]
-    return kv_sources[i]
-
-
 def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
     """A new model with these specs (None: as `model` has it) and the weights of `model`. Layers that become
     consumers lose the projections they no longer use. A layer that computes a projection starts with the one
     it used so far ('keep': its own, or its old source's), or for K/V with kv_init='mean' the mean of what
-    every layer that will read it used (as MLKV and LCKV initialise a shared projection)."""
+    every consumer that will read it used (as MLKV and LCKV initialise a shared projection)."""
     if kv_init not in ("keep", "mean"):
         raise UsageError(f"kv_init={kv_init!r}: expected 'keep' or 'mean'")
     config = replace(model.config, kv_share=model.config.kv_share if kv_share is None else kv_share,
@@ -47,12 +38,13 @@ def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
             state[name] = old[name]
             continue
         i, w = int(parts[1]), parts[3]
-        readers = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
-        # one vote per reader for the projection it used so far, counted per owner (so that a single owner
-        # is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
-        votes = Counter(projection_owner(model.kv_sources, model.att_sources, j, w) for j in readers)
+        # the layers that will attend with this projection: i, and with 'mean' every K/V consumer of i
+        users = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
+        # one vote per user for the projection it attended with so far, counted per source (so that a single
+        # source is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
+        votes = Counter(projection_sources(model.kv_sources, model.att_sources, j)[w[1]] for j in users)
         used = [(old[f"layers.{o}.attention.{w}.weight"], n) for o, n in votes.items()]
-        state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(readers)
+        state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(users)
     new.load_state_dict(state)
     return new
 
@@ -78,8 +70,8 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
     """The layer-wise conversion schedule as plain data: a list of stages, each a dict with the model's
     kv_sources and att_sources during the stage and whether only the converted layers train ("freeze").
 
-    The target's readers (every layer that reads another layer's K/V or attention in it, including any that
-    already read one in start) are converted from the top layer down: 1, then 2, 4, ... of them in all (each
+    The target's consumers (every layer that reads another layer's K/V or attention in it, including any that
+    are consumers in start already) are converted from the top layer down: 1, then 2, 4, ... of them in all (each
     stage keeps the conversions before it), the last adaptation stage all of them; then a final entry, the
     full fine-tuning at the target (never frozen). E.g. echo:7 on 30 layers (layers 23-29 read layer 22):
         stage 0: 29<-22    stage 1: 28,29<-22    stage 2: 26-29<-22    stage 3: 23-29<-22    final: as stage 3
@@ -94,12 +86,12 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
              for key, target in (("kv", kv_target), ("att", att_target))}
     kv, att = resolve_sharing(types.SimpleNamespace(kv_share=specs["kv"], att_share=specs["att"], n_layer=n))
     target = {"kv_sources": kv, "att_sources": att}
-    readers = [i for i in reversed(range(n)) if kv[i] != i or att[i] != i]  # every consumer of the target, top first
+    consumers = [i for i in reversed(range(n)) if kv[i] != i or att[i] != i]  # the target's, top first
     counts, c = [], 1  # how many of them are converted in each stage: 1, 2, 4, ..., all
-    while c < len(readers):
+    while c < len(consumers):
         counts.append(c)
         c *= 2
-    counts += [len(readers)] if readers else []
+    counts += [len(consumers)] if consumers else []
 
     def stage(converted, frozen):
         sources = {}
@@ -112,7 +104,7 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
                     sources[key].append(start[key][i])
         return sources | {"freeze": frozen}
 
-    return [stage(readers[:c], freeze) for c in counts] + [stage(readers, False)]
+    return [stage(consumers[:c], freeze) for c in counts] + [stage(consumers, False)]
 
 
 def describe_stage(stage, previous):
@@ -126,6 +118,19 @@ def describe_stage(stage, previous):
                 by_source.setdefault(src, []).append(str(i))
         changed += [f"{','.join(layers)}<-{src} {kind}" for src, layers in by_source.items()]
     return "; ".join(changed) or "no layer"
+
+
+def describe_run(model, stages, adapt_iters):
+    """The model's consumers, e.g. 'model: 134.52M params, consumers: 23,...,29<-22 K/V', and a layer-wise
+    conversion's stages, each against the one before it (the first against every layer its own source)."""
+    plain = {key: list(range(len(model.layers))) for key in ("kv_sources", "att_sources")}
+    line = (f"model: {model.num_params() / 1e6:.2f}M params, consumers: "
+            f"{describe_stage({'kv_sources': model.kv_sources, 'att_sources': model.att_sources}, plain)}")
+    if len(stages) > 1:
+        line += (f"\nlayer-wise conversion: {len(stages) - 1} stages of {adapt_iters} iterations, then full fine-tuning; "
+                 + " | ".join(f"stage {n}: {describe_stage(st, before)}"
+                              for n, (st, before) in enumerate(zip(stages[:-1], [plain] + stages))))
+    return line
 
 
 def run_stages(model, cfg, ckpt):
@@ -160,18 +165,18 @@ def resumed_stage(ckpt, iter_num, stages, adapt_iters):
 
 def enter_stage(model, stage, kv_init):
     """Convert the model to the stage's sources (if it is not there yet) and set what trains: all of it,
-    or when the stage freezes, only the layers that read another's and the projections they read. The caller
+    or when the stage freezes, only the consumers and the projections they read. The caller
     makes a fresh optimizer for the new parameters; the learning rate follows the run's one schedule (warmup
     and decay over all iterations), so a stage does not re-warm it."""
     if (model.kv_sources, model.att_sources) != (stage["kv_sources"], stage["att_sources"]):
         model = convert_sharing(model, ",".join(map(str, stage["kv_sources"])),
                                 ",".join(map(str, stage["att_sources"])), kv_init)
-    # every layer that reads another layer's K/V or attention, including any that already did when loaded
-    readers = {i for i in range(len(model.layers)) if model.kv_sources[i] != i or model.att_sources[i] != i}
-    read = {f"layers.{projection_owner(model.kv_sources, model.att_sources, i, w)}.attention.{w}."
-            for i in readers for w in ("wq", "wk", "wv")}
+    sources = [projection_sources(model.kv_sources, model.att_sources, i) for i in range(len(model.layers))]
+    # every consumer (a layer that reads a projection of another), including any that already was when loaded
+    consumers = {i for i, src in enumerate(sources) if any(s != i for s in src.values())}
+    read = {f"layers.{sources[i][p]}.attention.w{p}." for i in consumers for p in "qkv"}
     for name, p in model.named_parameters():
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        p.requires_grad_(not stage["freeze"] or layer in readers or any(name.startswith(r) for r in read))
+        p.requires_grad_(not stage["freeze"] or layer in consumers or any(name.startswith(r) for r in read))
     return model
 

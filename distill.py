@@ -2,7 +2,8 @@
 pass, the losses, and the one call the training loop makes per micro-step (training_loss).
 
 loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
-with a = distill_alpha, h = distill_hidden (EchoAtt's term: the residual streams after each shared block),
+with a = distill_alpha, h = distill_hidden (EchoAtt's term: the residual streams after each group of layers that
+share: a source and its consumers),
 T = distill_temperature. The teacher is frozen: no gradients, no optimizer state, no dropout.
 """
 import copy
@@ -48,8 +49,8 @@ def load_teacher(cfg, meta, source, loaded, student):
     conversion (the default teacher, copied so that training the student leaves it alone)."""
     if not distilling(cfg):
         return None
-    if source == cfg.init_from and loaded is not None:
-        teacher = copy.deepcopy(loaded)
+    if source == cfg.init_from and loaded is not None:  # the model as loaded; a copy if the student is that model
+        teacher = copy.deepcopy(loaded) if loaded is student else loaded
     else:
         try:
             teacher = load_pretrained(source, meta, cfg.dataset)
@@ -77,7 +78,7 @@ def distill_loss(student_logits, teacher_logits, temperature):
 
 
 def block_outputs(model):
-    """The last layer of each shared block (a source and the layers that read its K/V or attention): where
+    """The last layer of each group (a source and its consumers, the layers that read its K/V or attention): where
     distill_hidden compares the student's residual stream with the teacher's, as EchoAtt does."""
     last = {}
     for i, sources in enumerate(zip(model.kv_sources, model.att_sources)):

@@ -78,8 +78,9 @@ def regrow_cache(model, batch_size, max_len):
     K/V do not depend on the cache's length) and, from a one-row cache, that row for every sequence."""
     old, model.kv_cache = model.kv_cache, None
     model.setup_cache(batch_size, max_len)
-    for new, kept in ((model.kv_cache.k, old.k), (model.kv_cache.v, old.v)):
-        new[:, :, :, :old.max_len] = kept  # (slots, B, KVH, S, hd): a one-row cache broadcasts over B
+    for which, n in old.n_slots.items():
+        for slot in range(n):  # (B, KVH, S, hd): a one-row cache broadcasts over B
+            model.kv_cache.slot(which, slot)[:, :, :old.max_len] = old.slot(which, slot)
 
 
 def until_stop(row, stop):

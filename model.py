@@ -1,14 +1,16 @@
 """ECHO-LLaMA in one file: a LLaMA whose layers can share K/V across layers.
 
-A *producer* layer projects its own keys and values (and owns a KV-cache slot). A *consumer* layer keeps
-its own queries and output projection but attends to the K/V a lower producer computed: it has no
-wk/wv weights and no cache slot. `kv_sources[i]` names the layer whose K/V layer i reads.
-The second kind (EchoAtt): an *attention consumer* reuses a lower layer's attention pattern
-softmax(q_j k_j^T), i.e. that layer's rotated queries and keys, with its own values: it has no wq/wk and
-no K slot, but keeps wv and a V slot. `att_sources[i]` names the layer whose attention layer i reuses.
+The words, used everywhere in this project: a *consumer* is a layer that attends with projections another layer
+computed; the layer it reads them from is its *source* (a layer that computes its own is its own source).
+A *K/V consumer* (ECHO, `kv_sources`) keeps its own queries and output projection but attends to the rotated
+keys and values of a lower layer, its *producer*: it has no wk/wv weights and no KV-cache slot. An *attention
+consumer* (EchoAtt, `att_sources`) reuses a lower layer's attention pattern softmax(q_j k_j^T), i.e. that
+layer's rotated queries and keys, with its own values: no wq/wk, no K slot, but wv and a V slot. Which layer's
+q, k and v each layer attends with is one rule, `projection_sources`; weights, cache slots, the conversion and
+the cost counts all follow from it.
 
-Parts, top to bottom: config + sharing specs, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU), the
-layer-aware KV cache, the model. Elsewhere: what sharing saves and the device's peaks (perf.py), converting
+Parts, top to bottom: config + sharing specs and the rule, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU),
+the layer-aware KV cache, the model. Elsewhere: what sharing saves and the device's peaks (perf.py), converting
 a model between specs (conversion.py), generation (generate.py), our checkpoints (checkpoint.py) and weights
 from Hugging Face or GGUF files (pretrained.py).
 """
@@ -76,7 +78,8 @@ def resolve_sources(spec, n_layer, name="kv_share"):
                  (G need not divide n_layer: the top group is smaller)  cla:4  -> [0, 0, 0, 0, 4, 4]
       "0,0,2,2"  explicit: entry i is layer i's source (a layer at or below i that is its own source)
                                                             0,0,2,2,2,5 -> [0, 0, 2, 2, 2, 5]
-    (the examples are for n_layer = 6)
+    (the examples are for n_layer = 6; on SmolLM2's 30 layers echo:7 makes layers 23-29 consumers of layer 22.
+    N counts consumers: analyze.py's --n_producers counts the layers that stay their own source, 30 - N)
     """
     spec = str(spec).strip()
     grammar = "expected 'none', 'echo:N', 'cla:G' or a comma-separated list of source layers"
@@ -123,11 +126,18 @@ def resolve_sharing(cfg):
     return kv, att
 
 
+def projection_sources(kv_sources, att_sources, i):
+    """THE rule: the layers whose q, k and v projections layer i attends with, {"q": .., "k": .., "v": ..}; i
+    itself where it computes its own. An attention consumer takes its source's q and the keys that source
+    attends with (its own, or its producer's); a K/V consumer takes its producer's k and v. Everything else
+    (weights, cache slots, conversion, costs) is derived from this function: change a rule here only."""
+    return {"q": att_sources[i], "k": kv_sources[att_sources[i]], "v": kv_sources[i]}
+
+
 def computed_projections(kv_sources, att_sources):
-    """Per layer, which of q, k, v it computes itself (the rest it reads): a K/V consumer computes only q, an
-    attention consumer only v, any other layer all three. The one place where these rules are written."""
-    return [{"q": att == i, "k": kv == i and att == i, "v": kv == i}
-            for i, (kv, att) in enumerate(zip(kv_sources, att_sources))]
+    """Per layer, which of q, k, v it computes itself ({"q": bool, ..}): those it is its own source for."""
+    return [{p: src == i for p, src in projection_sources(kv_sources, att_sources, i).items()}
+            for i in range(len(kv_sources))]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,13 +170,19 @@ def apply_rope(x, cos, sin):
 
 # What a layer attended with, handed to the layers that read it: rotated queries (B, H, T, hd), rotated keys
 # and values (B, KVH, S, hd), S = T in a full pass or the cache's length through the cache; and in a decode
-# step of a layer whose attention others reuse, its attention probabilities (B, KVH, G*T, S), else None
-Attended = namedtuple("Attended", "q k v probs")
+# step of a layer whose attention others reuse, its attention probabilities (B, KVH, G*T, S), else None.
+# Handed *to* a layer, the fields it computes itself are None.
+Attended = namedtuple("Attended", "q k v probs", defaults=(None, None, None, None))
+
+# How a pass runs, decided once in LLaMA.forward and handed down by name
+FULL = "full"        # a causal pass over a whole sequence from position 0 (training, evaluation)
+PREFILL = "prefill"  # several tokens written into the KV cache at input_pos and attending through it
+DECODE = "decode"    # one new token per sequence through the cache (generation's step)
 
 
 class Attention(nn.Module):
-    """Grouped-query causal attention, for each kind of layer (see forward). `computes` ({"q", "k", "v"} -> bool,
-    see computed_projections) says which projections the layer has; every layer has wo."""
+    """Grouped-query causal attention. `computes` ({"q", "k", "v"} -> bool, from projection_sources) says which
+    projections the layer has; the others it is handed by the layer it reads (`given`). Every layer has wo."""
 
     def __init__(self, cfg, computes):
         super().__init__()
@@ -184,40 +200,31 @@ class Attention(nn.Module):
     def project(self, w, x, heads):
         return w(x).view(x.size(0), x.size(1), heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
 
-    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None,
+    def forward(self, x, *, rope, mode, mask=None, given=Attended(), cache=None, slots=(None, None), input_pos=None,
                 share_probs=False):
-        """reads: what this layer takes from another, None (nothing), "kv" or "att"; given: what that layer
-        attended with (an Attended). Keys and values it computes are written to cache slots slots[0] and
-        slots[1] when there is a cache; keys are rotated once, here, so readers get them rotated.
-        share_probs: a decode step of a layer whose attention others reuse: hand them the probabilities.
-        Returns (output, Attended)."""
+        """Attend with q, k and v: each the layer's own, or the rotated one its source attended with (`given`).
+        Keys and values it computes are rotated once, here, and written to its cache slots (slots[0], slots[1])
+        when there is a cache. share_probs: layers above reuse this attention, so a decode step hands them its
+        probabilities. Returns (output, Attended)."""
         B, T, _ = x.shape
+        cos, sin = rope
 
         def cached(which, t):  # without a cache t itself; with one, t written at input_pos and the whole slot
             return t if cache is None else cache.write(which, slots[which == "v"], input_pos, t)  # (B, KVH, S, hd)
 
-        if reads is None:                  # a plain layer: its own queries, keys and values
-            q = apply_rope(self.project(self.wq, x, self.n_head), cos, sin)
-            k = cached("k", apply_rope(self.project(self.wk, x, self.n_kv_head), cos, sin))
-            v = cached("v", self.project(self.wv, x, self.n_kv_head))
-        elif reads == "kv":                # K/V consumer: its own queries, its producer's keys and values
-            q = apply_rope(self.project(self.wq, x, self.n_head), cos, sin)
-            k, v = given.k, given.v
-        else:                              # attention consumer: its source's queries and keys (the source's own,
-            q, k = given.q, given.k        # or, if the source is a K/V consumer, its producer's), its own values
-            v = cached("v", self.project(self.wv, x, self.n_kv_head))
+        q = given.q if given.q is not None else apply_rope(self.project(self.wq, x, self.n_head), cos, sin)
+        k = given.k if given.k is not None else cached("k", apply_rope(self.project(self.wk, x, self.n_kv_head), cos, sin))
+        v = given.v if given.v is not None else cached("v", self.project(self.wv, x, self.n_kv_head))
         probs = None
-        # is_causal=True masks the top-left triangle of the (T, S) scores: right when the queries start at
-        # position 0 (T == S), wrong for T new queries at the end of a longer cache, which need the bottom rows
-        if mask is None:  # a full pass from position 0: SDPA's own causal mask
+        if mode == FULL:  # from position 0: SDPA's own causal mask (flash kernel, GQA included)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif reads == "att" and given.probs is not None:  # decode: the source's probabilities, no keys read
-            y = mix_values(given.probs, v, self.n_head)
-        elif share_probs:  # decode, and layers above reuse this attention: compute the probabilities once
+        elif mode == DECODE and given.probs is not None:  # an attention consumer: its source's probabilities,
+            y = mix_values(given.probs, v, self.n_head)     # no keys read, no scores
+        elif mode == DECODE and share_probs:  # layers above reuse this attention: compute the probabilities once
             y, probs = attend_explicit(q, k, v, mask)
-        else:             # through the cache, at an offset: an explicit mask (T, S)
-            y = attend_masked(q, k, v, mask)
+        else:  # through the cache at an offset: an explicit (T, S) mask, since is_causal=True would mask the
+            y = attend_masked(q, k, v, mask)  # top-left triangle where T new queries need the bottom rows
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)                # (B, T, H*hd)
         return F.dropout(self.wo(y), self.dropout, self.training), Attended(q, k, v, probs)
 
@@ -278,10 +285,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, reads=None, given=None, cache=None, slots=(None, None), input_pos=None,
-                share_probs=False):
-        a, attended = self.attention(self.attention_norm(x), cos, sin, mask, reads, given, cache, slots, input_pos,
-                                     share_probs)
+    def forward(self, x, **attention_args):
+        a, attended = self.attention(self.attention_norm(x), **attention_args)
         x = x + a
         return x + self.feed_forward(self.ffn_norm(x)), attended
 
@@ -291,23 +296,38 @@ class Block(nn.Module):
 # K/V consumers have neither (they read their producer's); attention consumers only a V slot.
 
 class KVCache(nn.Module):
+    """The static KV cache, written in place at input_pos: slots k0, k1, ... and v0, v1, ..., each its own
+    (B, KVH, max_len, hd) buffer. Not slices of one stacked tensor: torch.compile writes into a slice of a
+    shared buffer by copying every slot whole, each decode step (seen in inductor's output code), where it
+    writes a buffer of its own in place."""
+
     def __init__(self, n_k_slots, n_v_slots, batch_size, max_len, n_kv_head, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros((n_k_slots, *shape), dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros((n_v_slots, *shape), dtype=dtype, device=device), persistent=False)
-        self.max_len = max_len
+        for which, n in (("k", n_k_slots), ("v", n_v_slots)):
+            for slot in range(n):
+                self.register_buffer(f"{which}{slot}", torch.zeros(batch_size, n_kv_head, max_len, head_dim,
+                                                                   dtype=dtype, device=device), persistent=False)
+        self.n_slots = {"k": n_k_slots, "v": n_v_slots}
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def slot(self, which, slot):
+        """K (which="k") or V slot number `slot`: (B, KVH, max_len, hd)."""
+        return getattr(self, f"{which}{slot}")
 
     def write(self, which, slot, input_pos, x):
-        """Write x (B, KVH, T, hd) at positions input_pos (T,) of K (which="k") or V slot `slot`; return the
-        slot's whole (B, KVH, S, hd). The cache keeps its own dtype (under autocast x may arrive in another)."""
-        buffer = self.k if which == "k" else self.v
-        buffer[slot][:, :, input_pos] = x.to(buffer.dtype)
-        return buffer[slot]
+        """Write x (B, KVH, T, hd) at positions input_pos (T,) of a slot; return the slot's whole (B, KVH, S, hd).
+        The cache keeps its own dtype (under autocast x may arrive in another)."""
+        buffer = self.slot(which, slot)
+        buffer[:, :, input_pos] = x.to(buffer.dtype)
+        return buffer
+
+    @property
+    def dtype(self):
+        return self.k0.dtype
 
     @property
     def nbytes(self):
-        return self.k.nbytes + self.v.nbytes
+        return sum(b.nbytes for b in self.buffers())
 
 
 def cache_slots(computes):
@@ -367,22 +387,22 @@ class LLaMA(nn.Module):
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else self.tok_embeddings.weight.dtype
         c = self.kv_cache
-        if c is not None and (c.k.shape[1], c.max_len, c.k.dtype, c.k.device) == (batch_size, max_len, dtype, device):
+        if c is not None and (c.batch_size, c.max_len, c.dtype, c.k0.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
         n_k, n_v = (sum(s is not None for s in slots) for slots in zip(*self.slots))
         self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                 dtype, device)
 
-    def layer_step(self, i, x, seen, cos, sin, mask=None, cache=None, input_pos=None):
-        """Run layer i on the residual stream x, handing it what the layer it reads attended with (a K/V
-        consumer takes its k and v, an attention consumer its q and k); seen[j] is layer j's Attended, and
-        layer i's is appended."""
-        kv_src, att_src = self.kv_sources[i], self.att_sources[i]
-        reads = "kv" if kv_src != i else "att" if att_src != i else None  # a layer reads at most one kind
-        given = seen[kv_src if reads == "kv" else att_src] if reads else None
-        # a decode step (one new token per sequence) of a layer whose attention a layer above reuses
-        share_probs = mask is not None and x.size(1) == 1 and i in self.att_sources[i + 1:]
-        x, attended = self.layers[i](x, cos, sin, mask, reads, given, cache, self.slots[i], input_pos, share_probs)
+    def layer_step(self, i, x, seen, *, rope, mode=FULL, mask=None, cache=None, input_pos=None):
+        """Run layer i on the residual stream x. seen[j] is what layer j attended with (an Attended); layer i is
+        handed the q, k, v its sources attended with (projection_sources), and its own Attended is appended."""
+        src = projection_sources(self.kv_sources, self.att_sources, i)
+        given = Attended(*(getattr(seen[src[p]], p) if src[p] != i else None for p in "qkv"),
+                         probs=seen[src["q"]].probs if src["q"] != i else None)
+        share_probs = any(projection_sources(self.kv_sources, self.att_sources, j)["q"] == i
+                          for j in range(i + 1, len(self.layers)))
+        x, attended = self.layers[i](x, rope=rope, mode=mode, mask=mask, given=given, cache=cache,
+                                     slots=self.slots[i], input_pos=input_pos, share_probs=share_probs)
         seen.append(attended)
         return x
 
@@ -397,19 +417,20 @@ class LLaMA(nn.Module):
         if input_pos is None:
             if T > self.config.block_size:
                 raise UsageError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
-            cos, sin, mask, cache = self.rope_cos[:T], self.rope_sin[:T], None, None
+            mode, rope, mask, cache = FULL, (self.rope_cos[:T], self.rope_sin[:T]), None, None
         else:
             cache = self.kv_cache
             if cache is None:
                 raise UsageError("input_pos given but there is no KV cache: call model.setup_cache(batch, max_len) "
                                  "first (generate.py's generate_tokens does)")
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]                   # (T, hd/2)
+            mode = DECODE if T == 1 else PREFILL
+            rope = self.rope_cos[input_pos], self.rope_sin[input_pos]                     # (T, hd/2) each
             # query at position p sees cached keys 0..p; explicit, because is_causal would align top-left
             mask = input_pos[:, None] >= torch.arange(cache.max_len, device=idx.device)  # (T, S)
         x = F.dropout(self.tok_embeddings(idx), self.config.dropout, self.training)   # (B, T, C)
         seen, hidden = [], []  # seen[j] = what layer j attended with in this pass
         for i in range(len(self.layers)):
-            x = self.layer_step(i, x, seen, cos, sin, mask, cache, input_pos)
+            x = self.layer_step(i, x, seen, rope=rope, mode=mode, mask=mask, cache=cache, input_pos=input_pos)
             if i in hidden_at:
                 hidden.append(x)
         if targets is None and not all_logits:

@@ -10,8 +10,7 @@ import time
 
 import torch
 
-from conversion import projection_owner
-from model import computed_projections, resolve_sharing
+from model import computed_projections, projection_sources, resolve_sharing
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,7 +70,8 @@ def training_flops_per_token(cfg, seq_len, frozen=frozenset()):
                 f, needs_grad[i, w] = matmul(size[w], normed, f"{p}attention.{w}.weight")
                 flops += f
         # the q, k, v this layer attends with, wherever they were computed
-        q, k, v = (needs_grad[projection_owner(kv_sources, att_sources, i, w), w] for w in ("wq", "wk", "wv"))
+        src = projection_sources(kv_sources, att_sources, i)
+        q, k, v = (needs_grad[src[p], f"w{p}"] for p in "qkv")
         flops += 2 * att + att * (v + q + k + (q or k))  # forward; dV, dQ, dK, dP
         f, out_grad = matmul(size["wo"], q or k or v, p + "attention.wo.weight")
         x_grad = x_grad or out_grad
@@ -89,11 +89,12 @@ def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
     the head is tied to it), and each layer's reads of the cache over `context` positions, counted per layer
     as they happen: a V slot (its own, or a K/V consumer's producer's: read again by each reader), and a K slot,
     except an attention consumer, which reads its source's probabilities (B x n_head x context) instead."""
-    d, att_sources = cfg.n_embd, resolve_sharing(cfg)[1]
+    d, (kv_sources, att_sources) = cfg.n_embd, resolve_sharing(cfg)
     weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
     slot = batch_size * cfg.n_kv_head * context * cfg.head_dim
     probs = batch_size * cfg.n_head * context
-    cache = sum(slot + (probs if att_sources[i] != i else slot) for i in range(cfg.n_layer))
+    reuses = [projection_sources(kv_sources, att_sources, i)["q"] != i for i in range(cfg.n_layer)]
+    cache = sum(slot + (probs if reuse else slot) for reuse in reuses)
     return (weights + cache) * bytes_per_element
 
 
@@ -132,17 +133,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def best_seconds(fn, device, repeats):
-    """Fastest of `repeats` timed calls after one untimed warm-up."""
+def timed_seconds(fn, device, repeats):
+    """The seconds of `repeats` timed calls, sorted, after one untimed warm-up."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return sorted(times)
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,15 +152,17 @@ def measured_matmul_flops(device, dtype, n=None):
     applies. n=2048 on a CPU (17 GFLOP a matmul, compute-bound, ~1 s in all), 8192 on a GPU."""
     n = n or (8192 if torch.device(device).type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / best_seconds(lambda: a @ b, device, repeats=5)
+    return 2 * n ** 3 / timed_seconds(lambda: a @ b, device, repeats=5)[0]  # the best: a peak
 
 
 @functools.lru_cache(maxsize=None)
-def measured_read_bytes(device, mib=None):
-    """Bytes/s of reading a buffer far larger than the last-level cache (x.sum()), best of a few."""
+def measured_read_bytes(device, mib=None, repeats=21):
+    """Bytes/s of reading a buffer far larger than the last-level cache (x.sum()): the median of `repeats`
+    reads, as STREAM reports a typical pass. The best of five moved between 50 and 75 GB/s within an hour on a
+    2-core cloud machine (a lucky read at a quiet moment); the median of many is what a decode step can expect."""
     mib = mib or (2048 if torch.device(device).type == "cuda" else 512)
     x = torch.ones(mib * 2 ** 20 // 4, device=device)
-    return x.nbytes / best_seconds(x.sum, device, repeats=5)
+    return x.nbytes / timed_seconds(x.sum, device, repeats)[repeats // 2]
 
 
 def device_peak(kind, device, dtype=torch.float32, override=-1):

@@ -1,5 +1,10 @@
 """Figures for analyze.py and bench.py: matplotlib is optional, needed only when a plot is asked for."""
+import math
+
+import numpy as np
+
 from model import UsageError
+from runlog import sharing
 
 
 def pyplot():
@@ -19,3 +24,91 @@ def save_figure(fig, file, dpi):
         fig.savefig(file, dpi=dpi)
     except OSError as e:
         raise UsageError(f"cannot write {file} ({e.strerror})") from None
+
+
+def stage_starts(records, x):
+    """x positions where a layer-wise conversion entered a new stage: right after the old stage's last line."""
+    return [a[x] for a, b in zip(records, records[1:]) if b["stage"] != a["stage"]]
+
+
+def plot_runs(runs, file):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    extra = {}  # eval_datasets: name -> its line style (dashed, -., :), in each run's colour
+    for i, run in enumerate(runs):
+        color, label = f"C{i}", f"{run['name']} ({sharing(run['evals'][-1])[:20]})"  # a long list: its start
+        train = sorted(run["train"], key=lambda r: r["iter"])
+        for ax, x in zip(axes, ("tokens", "train_seconds")):
+            # with distillation the training loss mixes in the KL: plot its cross-entropy part
+            ax.plot([r[x] for r in train], [r.get("ce", r["loss"]) for r in train], color=color, alpha=0.3, lw=1)
+            ax.plot([r[x] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], color=color, marker="o",
+                    ms=3, lw=1.5, label=label)
+            for style, name in zip(("--", "-.", ":"), run["evals"][-1].get("eval_losses", {})):  # eval_datasets
+                extra.setdefault(name, "dashed" if style == "--" else style)
+                ax.plot([r[x] for r in run["evals"]], [r.get("eval_losses", {}).get(name, math.nan)
+                                                      for r in run["evals"]], color=color, ls=style, marker="s", ms=3, lw=1.2)
+            for start in stage_starts(train, x):
+                ax.axvline(start, color=color, ls=":", lw=1)
+    axes[0].set(xlabel="tokens seen", ylabel="loss (line: val; faint: train)")
+    axes[1].set(xlabel="training seconds (evals excluded)")
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    staged = any(stage_starts(sorted(run["train"], key=lambda r: r["iter"]), "iter") for run in runs)
+    fig.suptitle("; ".join([f"{style}: {name}" for name, style in extra.items()]
+                           + ["dotted: a layer-wise conversion stage begins"] * staged), fontsize=9)
+    save_figure(fig, file, dpi=90)
+    plt.close(fig)
+
+
+def plot_layers(kv_cost, att_cost, kv_sim, att_sim, file, title):
+    plt = pyplot()
+    L = len(kv_cost)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.5))
+    upper = np.triu(np.ones((L, L), dtype=bool), 1)
+    ticks = range(0, L, 1 if L <= 12 else 5)
+    for ax, m, name, cmap in zip(axes.flat, (kv_cost, att_cost, kv_sim, att_sim),
+                                 ("cost: loss rise when j reads i's K/V", "cost: loss rise when j reuses i's attention",
+                                  "K/V similarity (cosine)", "attention-map similarity (cosine, EchoAtt's Fig. 2)"),
+                                 ("magma_r", "magma_r", "viridis", "viridis")):
+        shown = np.ma.masked_where(~upper, m)
+        # a few very costly pairs (a layer reading layer 0, say) would wash out the rest: costs are coloured up
+        # to their 95th percentile, the few above it in the darkest colour
+        top = np.percentile(m[upper], 95) if "cost" in name and L > 12 else None
+        im = ax.imshow(shown, cmap=cmap, vmax=top)
+        for i, j in zip(*np.nonzero(upper)) if L <= 12 else ():
+            r, g, b, _ = im.cmap(im.norm(m[i, j]))
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w")  # readable on its cell
+        ax.set(title=name + (" (colour capped at the 95th pct.)" if top is not None else ""), xlabel="reader j",
+               ylabel="source i", xticks=ticks, yticks=ticks)
+        ax.title.set_fontsize(9)
+        fig.colorbar(im, ax=ax, fraction=0.046, extend="max" if top is not None else "neither")
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, file, dpi=80)
+    plt.close(fig)
+
+
+def plot_frontier(points, dataset, file):
+    """Gap to the original against the KV cache saved: a line per kind, after training solid, one-shot dashed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, kind in zip(("C0", "C1"), ("K/V", "attention")):
+        mine = sorted((p for p in points if p["kind"] == kind), key=lambda p: (p["consumers"], p["iters"]))
+        trained = {p["consumers"]: p for p in mine if p["iters"] > 0}  # the longest run at each N
+        one_shot = {p["consumers"]: p for p in mine}
+        for ps, style, label in ((one_shot, "--", "one-shot"), (trained, "-", "after training")):
+            ps = sorted(ps.values(), key=lambda p: p["cache saved"])
+            if ps:
+                ax.plot([100 * p["cache saved"] for p in ps], [p["one-shot" if style == "--" else "after"] for p in ps],
+                        ls=style, marker="o", color=color, label=f"{kind} sharing, {label}")
+                for p in ps:
+                    ax.annotate(str(p["consumers"]), (100 * p["cache saved"], p["one-shot" if style == "--" else "after"]),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.10, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="KV cache saved per token (%)", ylabel=f"{dataset} loss gap to the original (nats)")
+    ax.set_title("numbers: layers that share (consumers)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, file, dpi=90)
+    plt.close(fig)

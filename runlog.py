@@ -9,6 +9,7 @@ import sys
 from tqdm import tqdm
 
 from model import UsageError
+from perf import kv_cache_bytes
 
 
 class RunLog:
@@ -29,14 +30,17 @@ class RunLog:
         self.say = self.bar.write if self.bar else print
         self.peak = None  # what MFU is against, named once the first figure is logged
 
-    def eval(self, iter_num, losses, state):
-        """An eval line: train and val loss, and the loss on each extra val set (eval_datasets) by its name."""
-        check_finite(losses["val"] + losses["train"], iter_num, self.out_dir)
+    def eval(self, iter_num, losses, state, model):
+        """An eval line: train and val loss (no train loss for a dataset prepared for evaluation only), the
+        loss on each extra val set (eval_datasets) by its name, and the model's sharing and what it costs
+        (parameters, KV-cache bytes per token in bf16), for analyze.py's frontier."""
+        check_finite(sum(losses.values()), iter_num, self.out_dir)
         extra = {k: v for k, v in losses.items() if k not in ("train", "val")}
-        self.say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                 + "".join(f", {k} loss {v:.4f}" for k, v in extra.items()))
-        self.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                    **({"eval_losses": extra} if extra else {}), **state})
+        self.say(f"step {iter_num}: " + ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items()))
+        self.write({"iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses["val"],
+                    **({"eval_losses": extra} if extra else {}), **state, "kv_sources": model.kv_sources,
+                    "att_sources": model.att_sources, "params": model.num_params(),
+                    "kv_bytes_per_token": kv_cache_bytes(model.config, 1, 1, bytes_per_element=2)})
 
     def step(self, iter_num, loss, parts, lr, ms_per_iter, tokens_per_s, mfu, mfu_of, state):
         """A log line: the loss and its parts (ce, kd, hidden when distilling), speed, MFU and what it is against."""
@@ -94,3 +98,33 @@ def check_finite(loss, iter_num, out_dir):
     if not math.isfinite(loss):
         raise UsageError(f"the loss is {loss} at iteration {iter_num}: training diverged (try a lower "
                          f"learning_rate, or grad_clip); the last good checkpoint in {out_dir} is kept")
+
+
+def read_run(folder):
+    """A run's log.jsonl as {'name', 'train': log lines, 'evals': eval lines}, checked."""
+    path = os.path.join(folder, "log.jsonl")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: no such run folder")
+    if not os.path.isfile(path):
+        raise UsageError(f"{folder} has no log.jsonl: not a train.py out_dir")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UsageError(f"{path}: line {n} is not JSON") from None
+    evals = [r for r in records if "val_loss" in r]
+    if not evals:
+        raise UsageError(f"{path} has no eval line yet")
+    if "tokens" not in evals[-1]:
+        raise UsageError(f"{path} was written by an older train.py (no tokens or train_seconds): re-run it")
+    return {"name": os.path.basename(os.path.normpath(folder)), "folder": folder, "train": [r for r in records if "loss" in r],
+            "evals": evals}
+
+
+def sharing(record):
+    """A log line's sharing, e.g. 'echo:2', 'att 0,0,2,2' or 'none'."""
+    kv, att = record.get("kv_share", "none"), record.get("att_share", "none")
+    return " ".join([kv] * (kv != "none") + [f"att {att}"] * (att != "none")) or "none"

@@ -139,7 +139,7 @@ def sample(cfg, out=None):
     t_end = time.perf_counter()
     rows = [until_stop(row, stop) for row in torch.cat(new, dim=1).tolist()]  # each cut at its first end token
     texts = [decode(ids + row) for row in rows]
-    elem = model.kv_cache.k.element_size()
+    elem = model.kv_cache.dtype.itemsize
     stats = {
         "samples": cfg.num_samples, "prompt_tokens": len(ids), "new_tokens": sum(map(len, rows)), "steps": len(new),
         "max_new_tokens": cfg.max_new_tokens, "prefill_tokens_per_s": cfg.num_samples * len(ids) / (t_first - t0),
@@ -148,7 +148,7 @@ def sample(cfg, out=None):
         "kv_cache_bytes": model.kv_cache.nbytes,
         "kv_cache_bytes_unshared": kv_cache_bytes(replace(model.config, kv_share="none", att_share="none"),
                                                   cfg.num_samples, model.kv_cache.max_len, elem),
-        "k_slots": model.kv_cache.k.size(0), "v_slots": model.kv_cache.v.size(0), "n_layer": model.config.n_layer,
+        "k_slots": model.kv_cache.n_slots["k"], "v_slots": model.kv_cache.n_slots["v"], "n_layer": model.config.n_layer,
     }
     return texts, stats
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (config_from_dict, load_checkpoint, model_from_checkpoint, restore_training_state, rng_state,
                         same_tokens, save_checkpoint)
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
-from conversion import convert_on_load, describe_stage, enter_stage, resumed_stage, run_stages, stage_at
+from conversion import convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage, run_stages, stage_at
 from data.loader import batch_generator, get_batch, load_dataset
 from distill import block_outputs, check_distill_settings, load_teacher, teacher_source, training_loss
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
@@ -62,14 +62,14 @@ class TrainConfig:
     kv_share: str = "none"                # with ckpt:/hf:, the loaded model is converted to this spec
     att_share: str = "none"               # EchoAtt's attention sharing, the same grammar; converted likewise
     # converting to sharing (see README): one shot via kv_share/att_share, or layer-wise via the *_target ones
-    kv_init: str = "keep"                 # a producer's K/V start as its own ('keep') or its readers' mean ('mean')
+    kv_init: str = "keep"                 # a producer's K/V start as its own ('keep') or its consumers' mean ('mean')
     kv_share_target: str = ""             # e.g. 'echo:4': convert its consumers top-down, 1, then 2, 4, ... in all
     att_share_target: str = ""            # the same for attention sharing (both may be given)
     adapt_iters: int = 0                  # iterations per stage; after the stages, full fine-tuning to max_iters
-    adapt_freeze: bool = False            # during the stages, train only the converted layers (+ producers' K/V)
+    adapt_freeze: bool = False            # during the stages, train only the consumers and the projections they read
     # distillation (see README): loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
     distill_alpha: float = 0.0            # a; 0 = off
-    distill_hidden: float = 0.0           # h: EchoAtt's term, MSE of the residual streams after each shared block
+    distill_hidden: float = 0.0           # h: EchoAtt's term, MSE of the residual streams after each group of a source and its consumers
     distill_temperature: float = 1.0      # T: both distributions are softened by it
     distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:, hf:, gguf:
     # AdamW, linear warmup then cosine decay to min_lr
@@ -157,7 +157,7 @@ def estimate_loss(model, data, cfg, autocast, extra=None):
     the same batches every time, so evals compare."""
     model.eval()
     out = {}
-    for split, tokens in [("train", data["train"]), ("val", data["val"])] + list((extra or {}).items()):
+    for split, tokens in list(data.items()) + list((extra or {}).items()):  # train (if there is one), val, extras
         g = torch.Generator().manual_seed(1337 + (split != "train"))  # not cfg.seed: runs of any seed compare
         losses = []
         for _ in range(cfg.eval_iters):
@@ -263,18 +263,18 @@ def train(cfg):
     ddp, rank, world = setup_ddp(cfg)
     master = rank == 0
     if cfg.gradient_accumulation_steps % world:
-        raise UsageError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} "
-                         f"is not divisible by the {world} processes")
+        raise UsageError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by {world}")
     accum = cfg.gradient_accumulation_steps // world
     ptdtype, autocast = precision(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's) ...
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    data, meta = load_dataset(cfg)
+    data, meta = load_dataset(cfg, optional=("train",) if cfg.eval_only else ())
     extra = load_eval_datasets(cfg, meta)
     model, ckpt, loaded = initial_model(cfg, meta)
     teacher_from = teacher_source(cfg, ckpt)
     teacher = load_teacher(cfg, meta, teacher_from, loaded, model)
+    del loaded  # the teacher, if it is the model as loaded; else one copy of the weights fewer
     torch.manual_seed(cfg.seed + rank)  # ... but each rank its own dropout stream
     if cfg.init_from != "scratch":  # the model's shape (and dropout, as set on it) wins over the settings
         for k, v in asdict(model.config).items():
@@ -298,13 +298,7 @@ def train(cfg):
     rows = accum * cfg.batch_size  # this rank's rows of each iteration's global batch
     if master:
         log = RunLog(cfg.out_dir, cfg.max_iters, iter_num, resumed=cfg.init_from == "resume")
-        plain = {key: list(range(len(raw_model.layers))) for key in ("kv_sources", "att_sources")}  # no sharing
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M params, layers reading another's K/V or attention: "
-              f"{describe_stage({'kv_sources': raw_model.kv_sources, 'att_sources': raw_model.att_sources}, plain)}")
-        if len(stages) > 1:  # each stage against the one before it (the first against every layer its own)
-            print(f"layer-wise conversion: {len(stages) - 1} stages of {cfg.adapt_iters} iterations, then full "
-                  f"fine-tuning; " + " | ".join(f"stage {n}: {describe_stage(st, before)}"
-                                                for n, (st, before) in enumerate(zip(stages[:-1], [plain] + stages))))
+        print(describe_run(raw_model, stages, cfg.adapt_iters))
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
 
@@ -321,8 +315,7 @@ def train(cfg):
             if master:
                 train_seconds += time.time() - t0
                 losses = estimate_loss(model.module if ddp else model, data, cfg, autocast, extra)
-                log.eval(iter_num, losses, state() | {"kv_sources": raw_model.kv_sources,
-                                                      "att_sources": raw_model.att_sources})
+                log.eval(iter_num, losses, state(), raw_model)
                 if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:

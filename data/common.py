@@ -204,7 +204,7 @@ def write_dataset(out_dir, meta, splits):
     """Write {split}.bin for each of splits ({"train": text chunks, "val": ...}; an evaluation-only dataset
     has only "val") and meta.json (with the id dtype) into out_dir."""
     encode, _ = tokenizer_from_meta(meta)
-    meta = dict(meta, dtype=np.dtype(id_dtype(meta["vocab_size"])).name)
+    meta = dict(meta, dtype=np.dtype(id_dtype(meta["vocab_size"])).name, splits=list(splits))
     try:
         for split, chunks in splits.items():
             n = write_tokens(chunks, encode, os.path.join(out_dir, f"{split}.bin"), meta["vocab_size"])

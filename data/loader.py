@@ -9,9 +9,10 @@ from configurator import read_json
 from model import UsageError
 
 
-def load_dataset(cfg, splits=("train", "val")):
+def load_dataset(cfg, splits=("train", "val"), optional=()):
     """The token memmaps of these splits and the dataset's meta (tokenizer, vocab size, id dtype), checked.
-    cfg: data_dir, dataset and block_size."""
+    cfg: data_dir, dataset and block_size. A split in `optional` that the dataset lacks is left out (eval_only
+    on a set prepared for evaluation only, e.g. WikiText-2, evaluates the val split it has)."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
     meta_path = os.path.join(folder, "meta.json")
     redo = f"re-run python data/{cfg.dataset}/prepare.py"
@@ -26,6 +27,11 @@ def load_dataset(cfg, splits=("train", "val")):
     data = {}
     for split in splits:
         path = os.path.join(folder, f"{split}.bin")
+        if not os.path.isfile(path) and split in optional:
+            continue
+        if not os.path.isfile(path) and split not in meta.get("splits", [split]):
+            raise UsageError(f"dataset '{cfg.dataset}' is prepared for evaluation only (it has no {split} split): "
+                             f"evaluate it with --eval_only=True, or beside a run with --eval_datasets={cfg.dataset}")
         if not os.path.isfile(path):
             raise UsageError(f"{path} is missing: {redo}")
         size, item = os.path.getsize(path), np.dtype(meta["dtype"]).itemsize

@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.common import char_meta, chunked, write_dataset  # noqa: E402
+from model import LLaMA, ModelConfig  # noqa: E402
 from pretrained import GGUF_LAYER_NAMES  # noqa: E402
 from configurator import configure  # noqa: E402
 from train import TrainConfig, train
@@ -148,3 +149,19 @@ def write_gguf(path, model, qtype="F32", tokenizer=None, arch="llama", tokenizer
     if c.tie_embeddings and "tok_embeddings.weight" in held:
         held["output.weight"] = held["tok_embeddings.weight"]
     return held
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a test.<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_gguf(path, tokenizer, block_size=200, template=CHATML, eos=None, **sharing):
+    """A 5-layer GQA LLaMA with sizes that do not divide evenly (vocab 300, 6 heads / 2 KV heads of 10, d=60, SwiGLU 70), as a
+    GGUF file with its tokenizer, a chat template and an end token."""
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=tokenizer.get_vocab_size(), block_size=block_size, n_layer=5, n_head=6,
+                              n_kv_head=2, n_embd=60, intermediate_size=70))
+    write_gguf(path, model, tokenizer=tokenizer, chat_template=template, eos=eos)
+    return str(path)

@@ -47,7 +47,9 @@ def test_runs_table_and_plot(two_runs, tmp_path):
     (["runs"], "analyze.py runs needs at least one train.py out_dir"),
     (["layers", "--out_dir=x", "--n_producer=2"], "unknown config key 'n_producer' in --n_producer=2 (did you mean 'n_producers'?)"),
     (["layers", "--out_dir=x", "--n_producers=two"], "n_producers='two' in --n_producers=two: expected int, got str"),
-    (["layers", "--out_dir=x"], "analyze.py layers needs --n_producers=N"),
+    (["layers", "--out_dir=x"], "analyze.py layers needs --n_consumers=N[,N...]"),
+    (["layers", "--out_dir=x", "--n_consumers=2", "--n_producers=3"], "one of the two"),
+    (["frontier"], "analyze.py frontier needs train.py out_dirs"),
     (["runs", ".", "--plots=a.png"], "unknown config key 'plots'"),
 ])
 def test_bad_input_is_one_line(argv, match):

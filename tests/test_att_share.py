@@ -77,7 +77,7 @@ def test_cached_prefill_and_decode_equal_the_full_pass(kv_share, att_share, n_kv
     # the cache holds a K slot per layer computing keys and a V slot per layer computing values, nothing more
     kv, att = model.kv_sources, model.att_sources
     n_k, n_v = sum(kv[i] == i and att[i] == i for i in range(5)), sum(kv[i] == i for i in range(5))
-    assert model.kv_cache.k.size(0) == n_k and model.kv_cache.v.size(0) == n_v
+    assert model.kv_cache.n_slots == {"k": n_k, "v": n_v}
     assert model.kv_cache.nbytes == kv_cache_bytes(model.config, 3, 27, 4) == (n_k + n_v) * 3 * 27 * n_kv_head * 10 * 4
 
 

@@ -9,31 +9,15 @@ import pytest
 import torch
 
 from chat import Chat, load_template
-from conftest import ROOT, bpe_tokenizer, write_gguf
+from conftest import CHATML, ROOT, bpe_tokenizer, tiny_gguf
 from data.common import tokenizer_from_meta
 from generate import generate_tokens, until_stop
 from model import LLaMA, ModelConfig, UsageError
 from pretrained import gguf_meta, import_pretrained
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a test.<|im_end|>\\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return bpe_tokenizer()
-
-
-def tiny_gguf(path, tokenizer, block_size=200, template=CHATML, eos=None, **sharing):
-    """A 5-layer GQA LLaMA with sizes that do not divide evenly (vocab 300, 6 heads / 2 KV heads of 10, d=60, SwiGLU 70), as a
-    GGUF file with its tokenizer, a chat template and an end token."""
-    torch.manual_seed(0)
-    model = LLaMA(ModelConfig(vocab_size=tokenizer.get_vocab_size(), block_size=block_size, n_layer=5, n_head=6,
-                              n_kv_head=2, n_embd=60, intermediate_size=70))
-    write_gguf(path, model, tokenizer=tokenizer, chat_template=template, eos=eos)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-from analyze import LayersConfig, RunsConfig
+from analyze import FrontierConfig, LayersConfig, RunsConfig
 from bench import BenchConfig
 from configurator import configure
 from conftest import ROOT
@@ -18,12 +18,13 @@ from train import TrainConfig
 
 SETTINGS = {"train.py": {f.name for f in fields(TrainConfig)}, "sample.py": {f.name for f in fields(SampleConfig)},
             "bench.py": {f.name for f in fields(BenchConfig)}, "eval.py": {f.name for f in fields(EvalConfig)},
-            "analyze.py": {f.name for f in fields(RunsConfig)} | {f.name for f in fields(LayersConfig)},
+            "analyze.py": {f.name for c in (RunsConfig, LayersConfig, FrontierConfig) for f in fields(c)},
             "data/shakespeare_char/prepare.py": {"input", "out_dir"},
             "data/shakespeare/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/tinystories/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/wikitext2/prepare.py": {"input", "out_dir", "tokenizer"},
-            "data/teacher_mix/prepare.py": {"teacher", "mix", "out_dir", "tokens", "share", "max_new_tokens", "seed"}}
+            "data/teacher_text/prepare.py": {"teacher", "tokens", "out_dir", "batch_size", "max_new_tokens", "top_p",
+                                             "seed", "ship"}}
 SOURCES = ["README.md", "RESULTS.md"] + [s for s in SETTINGS if s.endswith(".py")]
 
 

@@ -130,7 +130,7 @@ def test_generation_under_autocast_on_an_fp32_model(spec):
     idx = torch.randint(0, 97, (2, 5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, idx, max_new_tokens=12, temperature=0)
-        assert model.kv_cache.k.dtype == torch.bfloat16  # the cache takes autocast's dtype
+        assert model.kv_cache.dtype == torch.bfloat16  # the cache takes autocast's dtype
         with torch.no_grad():
             expect = naive_greedy(model, idx, 12)
     assert model.output.weight.dtype == torch.float32 and torch.equal(out, expect)
@@ -146,7 +146,7 @@ def test_compiled_decode_step_is_warmed_up_before_use(monkeypatch):
                                                                           tuple(args[0].shape))), with_kwargs=True)
     compile_decode_step(model, batch_size=3, max_len=11)
     assert modes == [None] and calls == [([0], (3, 1))] * 3           # CPU: no CUDA graphs, still 3 calls
-    assert (model.kv_cache.k.shape[1], model.kv_cache.max_len) == (3, 11)  # the cache generation will reuse
+    assert (model.kv_cache.batch_size, model.kv_cache.max_len) == (3, 11)  # the cache generation will reuse
 
 
 @pytest.mark.parametrize("name,flops,hbm", [

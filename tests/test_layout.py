@@ -62,7 +62,7 @@ def defined_names(path):
 JOBS = {
     "perf": {"projection_counts", "kv_cache_bytes", "matmul_params", "training_flops_per_token",
              "decode_bytes_per_step", "step_flops", "device_peak"},                        # what it costs
-    "conversion": {"convert_sharing", "projection_owner", "adaptation_stages", "enter_stage"},  # the surgery
+    "conversion": {"convert_sharing", "adaptation_stages", "enter_stage"},  # the surgery
     "pretrained": {"load_hf_llama", "load_gguf_llama", "gguf_meta", "hf_config", "gguf_config", "import_pretrained",
                    "from_pretrained", "load_pretrained", "HF_NAMES", "GGUF_NAMES", "IMPORTS"},  # weights from elsewhere
     "checkpoint": {"save_checkpoint", "load_checkpoint", "restore_training_state", "rng_state"},  # our checkpoints
@@ -77,7 +77,23 @@ def test_each_job_lives_in_its_own_module():
         for other, there in defined.items():
             assert other == home or not names & there, f"{other}.py defines {names & there}, which is {home}.py's job"
     # the model file is config, sharing specs, pieces, cache and LLaMA: no costs, no surgery, no file formats
-    assert {"ModelConfig", "resolve_sources", "computed_projections", "Attention", "KVCache", "LLaMA"} <= defined["model"]
+    assert {"ModelConfig", "resolve_sources", "projection_sources", "computed_projections", "Attention", "KVCache",
+            "LLaMA"} <= defined["model"]
+
+
+def test_the_sharing_rule_is_written_only_in_model_py():
+    """Which layer's q, k, v a layer attends with is model.projection_sources: the modules that count, convert or
+    analyse import it from there, none composes the two source lists itself (kv_sources[att_sources[i]]), and
+    perf.py imports no conversion code."""
+    modules = local_modules()
+    for name in ("perf", "conversion"):
+        assert "model" in imports_of(modules[name], modules)
+        assert "projection_sources" in open(modules[name]).read()
+    assert "conversion" not in imports_of(modules["perf"], modules)
+    for name, path in modules.items():
+        text = open(path).read().replace(" ", "")
+        composed = "kv_sources[att_sources[" in text or "kv[att[" in text
+        assert name == "model" or not composed, f"{name}.py writes its own version of the sharing rule"
 
 
 def test_data_reads_no_checkpoint_code():

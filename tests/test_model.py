@@ -73,7 +73,7 @@ def test_consumers_have_no_kv_weights_and_no_cache_slot():
         assert has_kv == (i <= 2), f"layer {i}"
         assert f"layers.{i}.attention.wq.weight" in keys and f"layers.{i}.attention.wo.weight" in keys
     model.setup_cache(batch_size=3, max_len=16)
-    assert model.kv_cache.k.shape == (3, 3, 2, 16, 8)  # 3 producer slots, not 6
+    assert model.kv_cache.n_slots["k"] == 3 and model.kv_cache.k2.shape == (3, 2, 16, 8)  # 3 producer slots, not 6
     assert not any("kv_cache" in k for k in keys)
 
 

@@ -98,8 +98,8 @@ def test_sources_weights_cache_and_flops_follow_the_spec(cfg):
     B, S = 2, cfg.block_size
     model.setup_cache(B, S)
     n_k = sum(has(i, "wk") for i in range(cfg.n_layer))
-    assert model.kv_cache.k.shape == (n_k, B, cfg.n_kv_head, S, cfg.head_dim)
-    assert model.kv_cache.v.shape == (len(producers), B, cfg.n_kv_head, S, cfg.head_dim)
+    assert model.kv_cache.n_slots["k"] == n_k and model.kv_cache.k0.shape == (B, cfg.n_kv_head, S, cfg.head_dim)
+    assert model.kv_cache.n_slots["v"] == len(producers)
     assert model.kv_cache.nbytes == kv_cache_bytes(cfg, B, S, 4) == (n_k + len(producers)) * B * S * cfg.n_kv_head * cfg.head_dim * 4
     idx = torch.randint(0, cfg.vocab_size, (B, S))
     with FlopCounterMode(display=False) as counter:

@@ -1,0 +1,198 @@
+"""General text the teacher writes itself, for distilling a converted model back to what it was (as LLM-QAT keeps
+a compressed model's general ability with no outside data): the model continues many varied openings with its
+own sampling, plain-text starts across topics and, for a model with a chat template, requests in that template.
+
+    python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=200000 --out_dir=data/teacher_smollm2
+
+Each batch of --batch_size documents is written to out_dir/chunks/ as soon as it is done (atomically), so an
+interrupted run, started again with the same settings, skips what it has and loses nothing; the same seed writes
+the same text. SmolLM2-135M-Instruct's corpus at the default settings ships in this folder (smollm2.npz, the
+batches a 2-core CPU took 40 minutes to write): a run with that teacher and those settings starts from it. A document is its opening and what the model wrote after it, up to and including its first end
+token (or, cut at --max_new_tokens, followed by one). Every 10th batch goes to val.bin, the rest to train.bin.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from data.common import bpe_meta, id_dtype, stop_ids, text_encoder  # noqa: E402
+from generate import sample_logits  # noqa: E402
+from model import UsageError  # noqa: E402
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2.npz")
+PLAIN = [  # starts of ordinary prose across topics, none of them from a held-out set
+    "The history of", "Scientists have found that", "In the small town of", "The most important thing about",
+    "A recipe for", "The river flows", "During the war,", "Music is", "The company announced", "In mathematics,",
+    "The old house", "Children learn", "The government of", "Plants need", "The first time I",
+    "An engine works by", "The museum opened", "According to the report,", "The city council", "Stars are",
+    "The football season", "A good teacher", "The village was", "Doctors recommend", "The novel tells the story of",
+    "Computers", "The mountain", "In the morning,", "The king of", "Water is", "The team", "Farmers in",
+    "The election", "Researchers at the university", "The painting", "In 1850,", "The bridge was built",
+    "Many people believe", "The album was released", "The species is found in", "The law requires",
+    "Early in his career,", "The economy of", "The church", "The film", "Bread is made", "The island",
+    "The experiment showed", "The school was founded", "The population of", "The language spoken in",
+    "The disease", "The railway", "Her first book", "The temperature", "The battle of", "The song",
+    "The program was designed to", "The castle", "The treaty", "Birds migrate", "The hospital",
+    "The festival is held", "The theory of", "The ship", "The newspaper reported", "The road", "The planet",
+]
+REQUESTS = [  # what users ask an instruct model, in its own chat template
+    "Write a short story about a lighthouse keeper.", "Explain how photosynthesis works.",
+    "What are the main causes of inflation?", "Give me three tips for learning a new language.",
+    "Summarize the plot of a famous novel.", "How does a refrigerator keep food cold?",
+    "Write a poem about autumn.", "What is the difference between weather and climate?",
+    "Describe the water cycle.", "Why is exercise good for the brain?", "Write an email asking for a day off.",
+    "Explain what a computer program is to a child.", "What should I pack for a week of hiking?",
+    "Tell me about the history of the printing press.", "How do vaccines work?",
+    "What is a black hole?", "Write a recipe for a simple vegetable soup.", "Give me a plan to save money.",
+    "Explain the rules of chess briefly.", "What makes a good leader?", "Describe a busy market in the morning.",
+    "How do airplanes stay in the air?", "What are prime numbers?", "Write a thank-you note to a teacher.",
+    "Why do leaves change colour in the fall?", "Explain supply and demand.", "What is the capital of Japan?",
+    "Write a dialogue between a cat and a dog.", "How can I sleep better?", "What was the Industrial Revolution?",
+    "Describe how to plant a tree.", "What is machine learning?", "Write a short speech for a graduation.",
+    "How do bees make honey?", "List some famous inventions of the twentieth century.",
+    "Explain why the sky is blue.", "What are the benefits of reading?", "How does the heart pump blood?",
+    "Write a haiku about the sea.", "What is democracy?",
+]
+
+
+def openings(batch, batch_size, seed, encode, chat_tokens):
+    """The token ids of batch `batch`'s openings, chosen by (seed, batch) only: plain starts on even batches, chat
+    requests on odd ones when the model has a chat template (chat_tokens renders one request)."""
+    rng = random.Random(seed * 1_000_003 + batch)
+    if chat_tokens is not None and batch % 2:
+        return [chat_tokens(r) for r in rng.choices(REQUESTS, k=batch_size)]
+    return [encode(s) for s in rng.choices(PLAIN, k=batch_size)]
+
+
+@torch.no_grad()
+def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_p):
+    """Sample up to max_new_tokens after each prompt, all rows in one batch through the KV cache, and return each
+    row's document. Prompts differ in length: the shared prefix is prefilled, then a row still inside its prompt
+    is fed its own next token instead of a sampled one (no padding, so nothing changes what the model sees)."""
+    lengths = [len(p) for p in prompts]
+    B, start, total = len(prompts), min(lengths), max(lengths) + max_new_tokens
+    ids = torch.zeros(B, total, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    in_prompt = torch.arange(total)[None] < torch.tensor(lengths)[:, None]               # (B, total)
+    model.setup_cache(B, total)
+    stop_t, done = torch.tensor(stop or [-1]), torch.zeros(B, dtype=torch.bool)
+    logits = model(ids[:, :start], input_pos=torch.arange(start))[0][:, -1]              # (B, V)
+    for t in range(start, total):
+        token = torch.where(in_prompt[:, t], ids[:, t], sample_logits(logits, 1.0, None, top_p, vocab_limit)[:, 0])
+        ids[:, t] = token
+        done |= ~in_prompt[:, t] & torch.isin(token, stop_t)
+        if bool(done.all()) or t == total - 1:
+            break
+        logits = model(token[:, None], input_pos=torch.tensor([t]))[0][:, -1]
+    docs = []
+    for i, n in enumerate(lengths):
+        row = ids[i, :n + max_new_tokens].tolist()
+        end = next((j + 1 for j in range(n, len(row)) if row[j] in stop), None)
+        docs.append(row[:end] if end else row + [eot])
+    return docs
+
+
+def fingerprint(source):
+    """What identifies a teacher across machines: its file's (or folder's) name and size in bytes."""
+    path = os.path.normpath(source.split(":", 1)[1])
+    files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    return f"{os.path.basename(path)}:{sum(os.path.getsize(f) for f in files if os.path.isfile(f))}"
+
+
+def save_atomic(path, array):
+    """Write an array's bytes to path durably: a temporary file, flushed to disk, then renamed over path."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(array.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", required=True, help="gguf:FILE or hf:DIR: the model (and tokenizer) that writes")
+    p.add_argument("--tokens", type=int, required=True, help="write batches until at least this many tokens")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--batch_size", type=int, default=32, help="documents sampled together")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--ship", default="", help="also write every batch, with the settings, to this .npz file")
+    args = p.parse_args(argv)
+    if args.tokens < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
+        raise UsageError("--tokens, --batch_size and --max_new_tokens must be at least 1, --top_p in (0, 1]")
+    meta = bpe_meta(args.teacher)
+    from pretrained import import_pretrained  # after the arguments are checked: loading takes seconds
+    model = import_pretrained(args.teacher).eval()
+    chat_tokens = None
+    if meta.get("chat_template"):
+        from chat import Chat
+        chat = Chat(model, meta)
+        chat_tokens = lambda request: chat.tokens([{"role": "user", "content": request}], extend=False)  # noqa: E731
+    stop, eot, dtype = stop_ids(meta), meta.get("eot"), id_dtype(meta["vocab_size"])
+    if eot is None and not stop:
+        raise UsageError(f"{args.teacher}'s tokenizer has no end token to end a document with")
+    eot = eot if eot is not None else stop[0]
+    chunks = os.path.join(args.out_dir, "chunks")
+    os.makedirs(chunks, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("batch_size", "max_new_tokens", "top_p", "seed")}
+    settings["teacher"], settings["chat"] = fingerprint(args.teacher), chat_tokens is not None
+    settings_file = os.path.join(chunks, "settings.json")
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            if json.load(f) != settings:
+                raise UsageError(f"{chunks} holds batches written with other settings or another teacher: "
+                                 f"give another --out_dir, or delete it")
+    else:
+        with open(settings_file, "w") as f:
+            json.dump(settings, f)
+
+    def chunk(b):
+        return os.path.join(chunks, f"{b:05d}.bin")
+
+    shipped = np.load(SHIPPED) if os.path.isfile(SHIPPED) else None
+    if shipped is not None and not os.path.exists(chunk(0)) and json.loads(str(shipped["settings"])) == settings:
+        batches = sorted(k for k in shipped.files if k != "settings")
+        for b, name in enumerate(batches):
+            save_atomic(chunk(b), shipped[name])
+        print(f"starting from the {len(batches)} batches shipped in {os.path.relpath(SHIPPED)} (the same teacher and settings)")
+
+    have, b = 0, 0
+    while os.path.exists(chunk(b)):  # the batches an earlier run finished
+        have, b = have + os.path.getsize(chunk(b)) // np.dtype(dtype).itemsize, b + 1
+    bar = tqdm(total=args.tokens, initial=min(have, args.tokens), unit="tok", desc="teacher text", smoothing=0.1)
+    while have < args.tokens or b < 2:  # at least one batch for each split
+        torch.manual_seed(args.seed * 1_000_003 + b)
+        prompts = openings(b, args.batch_size, args.seed, text_encoder(meta), chat_tokens)
+        docs = write_documents(model, prompts, args.max_new_tokens, stop, eot, meta["vocab_size"], args.top_p)
+        save_atomic(chunk(b), np.asarray([t for d in docs for t in d], dtype=dtype))
+        n = sum(map(len, docs))
+        have, b = have + n, b + 1
+        bar.update(max(0, min(n, args.tokens - bar.n)))
+    bar.close()
+    splits = {"train": [], "val": []}
+    for i in range(b):  # every batch written so far (a rerun with a larger --tokens keeps them all)
+        splits["val" if i % 10 == 9 else "train"].append(np.fromfile(chunk(i), dtype=dtype))
+    if not splits["val"]:  # fewer than 10 batches: the last one is val
+        splits["val"].append(splits["train"].pop())
+    for split, parts in splits.items():
+        save_atomic(os.path.join(args.out_dir, f"{split}.bin"), np.concatenate(parts))
+        print(f"{split}: {sum(map(len, parts)):,} tokens from {len(parts)} batches")
+    with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
+        json.dump(dict(meta, dtype=np.dtype(dtype).name, splits=list(splits)), f)
+    if args.ship:
+        np.savez_compressed(args.ship, settings=json.dumps(settings),
+                            **{f"b{i:05d}": np.fromfile(chunk(i), dtype=dtype) for i in range(b)})
+        print(f"wrote {args.ship} ({os.path.getsize(args.ship):,} bytes)")
+
+
+if __name__ == "__main__":
+    from configurator import run_main
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,146 @@
+"""Who computes what is one rule, model.projection_sources: the weights a layer has, its cache slots, the tensors
+it really attends with, the cost counts and the conversion all follow it, for any valid pair of specs; and a
+rule changed in model.py alone changes all of them together."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conversion import convert_sharing
+from model import LLaMA, ModelConfig, projection_sources
+from perf import kv_cache_bytes, matmul_params, projection_counts, training_flops_per_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@st.composite
+def spec_pairs(draw):
+    """(n_layer, kv_share, att_share): each layer its own source, a K/V consumer of a lower layer that computes
+    its own q, k and v, or an attention consumer of a lower layer that computes its own q (MIXED pairs)."""
+    n = draw(st.integers(2, 6))
+    kv, att = [0], [0]
+    for i in range(1, n):
+        choices = [("own", i)] + [("kv", s) for s in range(i) if kv[s] == s and att[s] == s] + \
+                  [("att", s) for s in range(i) if att[s] == s]
+        kind, s = draw(st.sampled_from(choices))
+        kv.append(s if kind == "kv" else i)
+        att.append(s if kind == "att" else i)
+    return n, ",".join(map(str, kv)), ",".join(map(str, att))
+
+
+def attended_per_layer(model, idx, **kwargs):
+    """What each layer attended with in one forward pass (its Attended), captured by hooks."""
+    seen = {}
+    hooks = [layer.attention.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[1]))
+             for i, layer in enumerate(model.layers)]
+    try:
+        model(idx, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@settings(max_examples=25, deadline=None)
+@given(spec_pairs(), st.sampled_from([(6, 6), (6, 2), (6, 3), (6, 1)]), st.booleans())
+def test_weights_slots_tensors_and_counts_follow_the_rule(pair, heads, tied):
+    n, kv_share, att_share = pair
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=37, block_size=16, n_layer=n, n_head=heads[0], n_kv_head=heads[1], n_embd=24,
+                      intermediate_size=40, tie_embeddings=tied, kv_share=kv_share, att_share=att_share)
+    model = LLaMA(cfg).eval()
+    rule = [projection_sources(model.kv_sources, model.att_sources, i) for i in range(n)]
+    for i, src in enumerate(rule):
+        for p in "qkv":  # a layer has a projection exactly when it is its own source for it; a source has it
+            assert hasattr(model.layers[i].attention, f"w{p}") == (src[p] == i)
+            assert hasattr(model.layers[src[p]].attention, f"w{p}")
+        assert (model.slots[i][0] is not None, model.slots[i][1] is not None) == (src["k"] == i, src["v"] == i)
+    counts = projection_counts(cfg)
+    assert counts == {p: sum(src[p] == i for i, src in enumerate(rule)) for p in "qkv"}
+    assert matmul_params(cfg) == sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model.setup_cache(3, 16, dtype=torch.float32)
+    assert model.kv_cache.nbytes == kv_cache_bytes(cfg, 3, 16, bytes_per_element=4)
+    # the tensors a layer attends with are its sources' own objects, in a full pass and in a decode step
+    idx = torch.randint(0, 37, (3, 9))
+    with torch.no_grad():
+        full = attended_per_layer(model, idx)
+        model(idx[:, :8], input_pos=torch.arange(8))
+        step = attended_per_layer(model, idx[:, 8:], input_pos=torch.tensor([8]))
+    for seen in (full, step):
+        for i, src in enumerate(rule):
+            for p in "qkv":
+                assert (getattr(seen[i], p) is getattr(seen[src[p]], p)) or src[p] == i
+    for i, src in enumerate(rule):  # at decode, a layer whose attention is reused hands up its probabilities
+        assert (step[i].probs is not None) == any(r["q"] == i for r in rule[i + 1:])
+    # the FLOP formula follows the same rule (the math kernel, so the counter sees attention too)
+    B, T = 2, 7
+    x = torch.randint(0, 37, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.train()(x, targets=x)[1].backward()
+    assert counter.get_total_flops() == training_flops_per_token(cfg, T) * B * T
+    # converting a plain model to these specs keeps exactly the projections the rule says each layer computes
+    plain = LLaMA(ModelConfig(**{**cfg.__dict__, "kv_share": "none", "att_share": "none"}))
+    converted = convert_sharing(plain, kv_share, att_share)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+
+
+CHANGED_RULE = ('    return {"q": att_sources[i], "k": kv_sources[att_sources[i]], "v": kv_sources[i]}',
+                '    return {"q": att_sources[i], "k": kv_sources[att_sources[i]], "v": kv_sources[att_sources[i]]}')
+
+CHECK = textwrap.dedent("""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from conversion import convert_sharing
+    from model import LLaMA, ModelConfig
+    from perf import kv_cache_bytes, matmul_params, training_flops_per_token
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=37, block_size=16, n_layer=5, n_head=6, n_kv_head=2, n_embd=24,
+                      intermediate_size=40, tie_embeddings=False, att_share="0,1,1,3,1")
+    plain = LLaMA(ModelConfig(**{**cfg.__dict__, "att_share": "none"})).eval()
+    model = convert_sharing(plain, att_share=cfg.att_share).eval()
+    model.setup_cache(2, 16, dtype=torch.float32)
+    x = torch.randint(0, 37, (2, 11))
+    with torch.no_grad():
+        full = model(x, all_logits=True)[0]
+        cached = torch.cat([model(x[:, :6], input_pos=torch.arange(6), all_logits=True)[0]]
+                           + [model(x[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(6, 11)], 1)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.train()(x, targets=x)[1].backward()
+    print({"wv": [hasattr(l.attention, "wv") for l in model.layers],
+           "v_slots": model.kv_cache.n_slots["v"], "cache_ok": model.kv_cache.nbytes == kv_cache_bytes(cfg, 2, 16, 4),
+           "params_ok": matmul_params(cfg) == sum(m.weight.numel() for m in model.modules()
+                                                  if isinstance(m, torch.nn.Linear)),
+           "flops_ok": counter.get_total_flops() == training_flops_per_token(cfg, 11) * 2 * 11,
+           "exact": torch.allclose(full, cached, atol=1e-5)})
+""")
+
+
+def run_check(folder):
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_rule_changed_in_model_py_alone_changes_everything(tmp_path):
+    """On a copy of the code, change one line of projection_sources (attention consumers also take their source's
+    values): the consumers lose wv and their V slots, and the counts, the FLOPs and the cached pass follow."""
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data", ignore=shutil.ignore_patterns("*.bin", "*.gz"))
+    before = run_check(tmp_path)
+    source = (tmp_path / "model.py").read_text()
+    assert source.count(CHANGED_RULE[0]) == 1, "projection_sources changed: update CHANGED_RULE to match it"
+    (tmp_path / "model.py").write_text(source.replace(*CHANGED_RULE))
+    after = run_check(tmp_path)
+    assert before["wv"] == [True] * 5 and before["v_slots"] == 5
+    assert after["wv"] == [True, True, False, True, False] and after["v_slots"] == 3
+    for result in (before, after):
+        assert result["cache_ok"] and result["params_ok"] and result["flops_ok"] and result["exact"], result

@@ -1,0 +1,129 @@
+"""data/teacher_text/prepare.py: text a (tiny) teacher writes, deterministic by seed, resumable without loss,
+each document its opening and what the model wrote up to its end token; bad input is one line. And a dataset
+prepared for evaluation only (WikiText-2) evaluated on its own with eval_only."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TEXT, bpe_tokenizer, read_log, tiny_args, tiny_gguf
+from data.common import char_meta, chunked, text_encoder, write_dataset
+from pretrained import gguf_meta, import_pretrained
+
+SCRIPT = os.path.join(ROOT, "data", "teacher_text", "prepare.py")
+spec = importlib.util.spec_from_file_location("teacher_text", SCRIPT)
+teacher_text = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(teacher_text)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return tiny_gguf(tmp_path_factory.mktemp("teacher") / "tiny.gguf", bpe_tokenizer())
+
+
+def prepare(teacher, out_dir, *extra):
+    return subprocess.run([sys.executable, SCRIPT, f"--teacher=gguf:{teacher}", f"--out_dir={out_dir}",
+                           "--batch_size=3", "--max_new_tokens=9", "--seed=7", *extra], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def splits(out_dir):
+    return {s: (out_dir / f"{s}.bin").read_bytes() for s in ("train", "val")}
+
+
+def test_same_seed_same_text_and_a_resumed_run_equals_an_uninterrupted_one(teacher, tmp_path):
+    whole = prepare(teacher, tmp_path / "whole", "--tokens=1500")
+    assert whole.returncode == 0, whole.stderr
+    chunks = [f for f in os.listdir(tmp_path / "whole" / "chunks") if f.endswith(".bin")]
+    assert len(chunks) >= 10  # enough batches that every 10th is val
+    assert prepare(teacher, tmp_path / "again", "--tokens=1500").returncode == 0
+    assert splits(tmp_path / "again") == splits(tmp_path / "whole")
+    other = prepare(teacher, tmp_path / "other", "--tokens=1500", "--seed=8")
+    assert other.returncode == 0 and splits(tmp_path / "other") != splits(tmp_path / "whole")
+    # interrupted: a first run stops early, then a crash loses a finished batch and leaves a half-written one
+    part = tmp_path / "part"
+    assert prepare(teacher, part, "--tokens=500").returncode == 0
+    done = sorted(f for f in os.listdir(part / "chunks") if f.endswith(".bin"))
+    os.remove(part / "chunks" / done[-1])
+    (part / "chunks" / (done[-1] + ".tmp")).write_bytes(b"\x01\x02\x03")
+    resumed = prepare(teacher, part, "--tokens=1500")
+    assert resumed.returncode == 0, resumed.stderr
+    assert splits(part) == splits(tmp_path / "whole")
+    meta = json.loads((part / "meta.json").read_text())
+    n = {s: len(np.fromfile(part / f"{s}.bin", dtype=meta["dtype"])) for s in ("train", "val")}
+    assert n["train"] + n["val"] >= 1500 and 0 < n["val"] < n["train"]
+    assert meta["tokenizer_json"] == gguf_meta(teacher)["tokenizer_json"]
+
+
+def test_each_document_is_its_opening_then_the_model_up_to_its_end_token(teacher):
+    meta, model = gguf_meta(teacher), import_pretrained(f"gguf:{teacher}").eval()
+    encode = text_encoder(meta)
+    prompts = [encode(s) for s in ("The history of", "A", "The novel tells the story of")]  # unequal lengths
+    eot = meta["eot"]
+    torch.manual_seed(3)
+    free = teacher_text.write_documents(model, prompts, 10, [], eot, meta["vocab_size"], 0.95)
+    for p, doc in zip(prompts, free):  # no end token sampled: the prompt, 10 tokens, then the end token added
+        assert doc[:len(p)] == p and len(doc) == len(p) + 11 and doc[-1] == eot
+    # end at a token the first row samples after its prompt: that row's document ends right there, the others
+    # are unchanged up to their own first end token (sampling does not depend on when rows stop)
+    stop_id = free[0][len(prompts[0]) + 2]
+    torch.manual_seed(3)
+    cut = teacher_text.write_documents(model, prompts, 10, [stop_id], eot, meta["vocab_size"], 0.95)
+    for p, doc, full in zip(prompts, cut, free):
+        generated = full[len(p):-1]
+        end = generated.index(stop_id) + 1 if stop_id in generated else None
+        assert doc == (p + generated[:end] if end else full)
+    assert cut[0][-1] == stop_id and len(cut[0]) <= len(prompts[0]) + 3
+
+
+def test_chat_openings_are_rendered_in_the_models_template(teacher, tmp_path):
+    assert prepare(teacher, tmp_path / "t", "--tokens=60").returncode == 0
+    from data.common import tokenizer_from_meta
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    decode = tokenizer_from_meta(meta)[1]
+    odd = np.fromfile(tmp_path / "t" / "chunks" / "00001.bin", dtype=meta["dtype"]).tolist()
+    assert decode(odd).startswith("<|im_start|>system\nYou are a test.<|im_end|>\n<|im_start|>user\n")
+    even = decode(np.fromfile(tmp_path / "t" / "chunks" / "00000.bin", dtype=meta["dtype"]).tolist())
+    assert any(even.startswith(s) for s in teacher_text.PLAIN)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--tokens=0"], "--tokens, --batch_size and --max_new_tokens must be at least 1"),
+    (["--tokens=10", "--top_p=0"], "--top_p in (0, 1]"),
+    (["--tokens=10", "--teacher=gguf:/no/such.gguf"], "/no/such.gguf"),
+])
+def test_bad_input_is_one_line(teacher, tmp_path, extra, match):
+    r = prepare(teacher, tmp_path / "bad", *extra)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_other_settings_in_the_same_folder_are_one_line(teacher, tmp_path):
+    assert prepare(teacher, tmp_path / "t", "--tokens=30").returncode == 0
+    r = prepare(teacher, tmp_path / "t", "--tokens=30", "--max_new_tokens=5")
+    assert r.returncode == 1 and "written with other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_only_evaluates_a_dataset_prepared_for_evaluation_only(data_dir, tmp_path):
+    """WikiText-2 is prepared val-only on purpose: eval_only evaluates it, training on it says why it cannot."""
+    text = TEXT[::-1]  # other text, the same characters
+    os.makedirs(tmp_path / "data" / "heldout")
+    write_dataset(str(tmp_path / "data" / "heldout"), char_meta(text), {"val": chunked(text)})
+    os.symlink(os.path.join(data_dir, "tiny"), tmp_path / "data" / "tiny")
+    base = tiny_args(str(tmp_path / "data"), tmp_path / "run", max_iters=4, eval_interval=2)
+    assert subprocess.run([sys.executable, "train.py", *base], capture_output=True, cwd=ROOT).returncode == 0
+    def args(out_dir, **kw):
+        return tiny_args(str(tmp_path / "data"), out_dir, dataset="heldout", init_from=f"ckpt:{tmp_path / 'run'}", **kw)
+    r = subprocess.run([sys.executable, "train.py", *args(tmp_path / "eval", eval_only=True)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    (record,) = read_log(tmp_path / "eval")
+    assert record["train_loss"] is None and record["val_loss"] > 0 and "step 0: val loss" in r.stdout
+    train = subprocess.run([sys.executable, "train.py", *args(tmp_path / "t2")], capture_output=True, text=True, cwd=ROOT)
+    assert train.returncode == 1 and "prepared for evaluation only" in train.stderr
+    assert len(train.stderr.strip().splitlines()) == 1, train.stderr
