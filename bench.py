@@ -10,7 +10,9 @@ A variant is a kv_share spec ("echo:2"), or "att=SPEC" for attention sharing, or
 Training (tokens/s, ms/iter, MFU, peak memory) and inference (prefill, cached decode at batch 1 and a
 larger batch, short and long context, KV bytes per token, decode bandwidth and MBU) are measured in rounds:
 parts=context decodes with a given number of positions cached; parts=capacity at a fixed KV-cache budget,
-each variant at the largest batch whose cache fits it (K/V sharing's payoff: more sequences in the memory).
+each variant at the largest batch whose cache fits it (K/V sharing's payoff: more sequences in the memory);
+parts=peer decodes the plain model beside gpt-fast (--peer=gpt-fast:PATH) with the same weights, after checking
+that both continue a prompt with the same greedy tokens: eager and compiled, kernels per step, over contexts.
 each round runs every variant once, so drift on a noisy machine affects all alike; figures are medians over
 rounds. MFU and MBU are against the datasheet peak of a listed GPU, else against a peak measured here
 (a 2048^2 matmul; a 512 MiB read on a CPU); the table's head says which.
@@ -27,8 +29,10 @@ from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precis
 from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from checkpoint import config_from_dict
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
-from perf import Timer, decode_bytes_per_step, device_name, device_peak, kv_cache_bytes, training_flops_per_token
-from plotting import pyplot, save_figure
+from peer import load_peer, peer_check, peer_decode_at, peer_model, peer_table
+from perf import (Timer, decode_bytes_per_step, decode_tokens_per_s, device_name, device_peak, kv_cache_bytes,
+                  training_flops_per_token)
+from plotting import plot_capacity, plot_contexts
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -53,10 +57,11 @@ class BenchConfig(ModelConfig):
     decode_tokens: int = 64
     decode_batch: int = 8         # the "larger batch" for decode
     short_prompt: int = 32        # short context; the long one fills the window
-    parts: str = "train,inference"  # which measurements to run: train, inference, context, capacity
+    parts: str = "train,inference"  # which measurements to run: train, inference, context, capacity, peer
     contexts: str = "256,512,1024,2048,4096"  # parts=context, capacity: decode with this many positions cached
     cache_budget: str = "0.25,0.5,1"  # parts=capacity: KV-cache budgets in GiB (comma-separated, fractions allowed)
     plot: str = ""                # parts=context or capacity: write its figure to this PNG
+    peer: str = ""                # parts=peer: gpt-fast:PATH, a clone of pytorch-labs/gpt-fast (see peer.py)
     naive: bool = False           # also time decoding by recomputing the whole context (no cache)
     find_max_batch: bool = False  # GPU: double the micro-batch until out of memory
     quick: bool = False           # a small run for a smoke test
@@ -163,44 +168,14 @@ class Variant:
         return batch * prompt_len / prefill.seconds, batch * (self.cfg.decode_tokens - 1) / decode.seconds
 
     @torch.no_grad()
-    def decode_at(self, batch, context):
+    def decode_at(self, batch, context, compiled=None):
         """Decode tokens/s with `context` positions already in the cache. No prefill is run: every step attends
         over the whole cache (masked), so its work and bytes depend on the cache's length, not its values."""
-        cfg = self.cfg
         step = self.model
-        if cfg.compile:
-            step = compile_decode_step(self.model, batch, context + cfg.decode_tokens)
-        self.model.setup_cache(batch, context + cfg.decode_tokens)
-        token = self.tokens(batch, 1)
-        pos = torch.full((1,), context, dtype=torch.long, device=cfg.device)
-        step(token, input_pos=pos)  # warm-up (allocations)
-        with Timer(cfg.device) as t:
-            for _ in range(cfg.decode_tokens):
-                step(token, input_pos=pos)
-                pos += 1
-        return batch * cfg.decode_tokens / t.seconds
-
-    @torch.no_grad()
-    def naive_decode(self, prompt_len):
-        """Tokens/s at batch 1 when each new token recomputes the whole context (how nanoGPT samples)."""
-        idx = self.tokens(1, prompt_len)
-        with Timer(self.cfg.device) as t:
-            for _ in range(self.cfg.decode_tokens):
-                idx = torch.cat((idx, self.model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
-        return self.cfg.decode_tokens / t.seconds
-
-    def max_batch(self):
-        """Largest micro-batch, doubling from batch_size, whose training step fits in GPU memory."""
-        b, fits = self.cfg.batch_size, None
-        while b <= 64 * self.cfg.batch_size:
-            try:
-                self.train_ms(b, warmup=0, steps=1)
-                fits, b = b, 2 * b
-            except torch.OutOfMemoryError:
-                break
-            finally:
-                torch.cuda.empty_cache()
-        return fits
+        if self.cfg.compile if compiled is None else compiled:
+            step = compile_decode_step(self.model, batch, context + self.cfg.decode_tokens)
+        self.model.setup_cache(batch, context + self.cfg.decode_tokens)
+        return decode_tokens_per_s(step, self.tokens(batch, 1), context, self.cfg.decode_tokens, self.cfg.device)
 
 
 def run(cfg):
@@ -209,9 +184,13 @@ def run(cfg):
     cuda = "cuda" in cfg.device
     dtype = precision(cfg.device, cfg.dtype)[0]
     parts = {p.strip() for p in cfg.parts.split(",")}
-    if not parts or parts - {"train", "inference", "context", "capacity"}:
-        raise UsageError(f"parts={cfg.parts!r}: expected train, inference, context and/or capacity, comma-separated")
-    decode_contexts = context_list(cfg) if parts & {"context", "capacity"} else []
+    if not parts or parts - {"train", "inference", "context", "capacity", "peer"}:
+        raise UsageError(f"parts={cfg.parts!r}: expected train, inference, context, capacity and/or peer, "
+                         f"comma-separated")
+    decode_contexts = context_list(cfg) if parts & {"context", "capacity", "peer"} else []
+    peer_module = load_peer(cfg.peer) if "peer" in parts else None
+    if peer_module and variant_specs(cfg)[0] != "none":
+        raise UsageError("parts=peer compares the plain model: make 'none' the first variant")
     budgets = budget_list(cfg) if "capacity" in parts else []
     if cfg.plot and len(parts & {"context", "capacity"}) != 1:
         raise UsageError("--plot draws the context or the capacity measurements: give one of --parts=context "
@@ -258,6 +237,19 @@ def run(cfg):
         return {f"ctx_decode_tok_s_b{batch}_{c}": v.decode_at(batch, c)
                 for batch in dict.fromkeys((1, cfg.decode_batch)) for c in decode_contexts}
 
+    def peer_round(v):  # the plain model and gpt-fast with its weights: eager and compiled, each compiled afresh
+        if v.spec != "none":
+            return {}
+        peer, out = peer_model(peer_module, v.model), {}
+        for batch in dict.fromkeys((1, cfg.decode_batch)):
+            for c in decode_contexts:
+                for mode in ("eager", "compiled"):
+                    torch._dynamo.reset()  # one static graph per shape for both, never a dynamic-shape one
+                    out[f"peer_ours_{mode}_b{batch}_{c}"] = v.decode_at(batch, c, compiled=mode == "compiled")
+                    out[f"peer_gptfast_{mode}_b{batch}_{c}"] = peer_decode_at(peer, batch, c, cfg.decode_tokens,
+                                                                              mode == "compiled")
+        return out
+
     def capacity_round(v):
         out = {}
         for gib in budgets:
@@ -268,7 +260,10 @@ def run(cfg):
                 v.model.kv_cache = None  # the next budget's cache is another size
         return out
 
-    for measure in (train_round, inference_round, context_round, capacity_round):
+    if peer_module:  # before any timing: the same weights must give the same greedy tokens in both
+        samples["none"]["peer_check"] = [peer_check(variants[0].model.to(cfg.device), peer_module)]
+        variants[0].model.to("cpu").kv_cache = None
+    for measure in (train_round, inference_round, context_round, capacity_round, peer_round):
         if measure.__name__.split("_")[0] not in parts:
             continue
         name = measure.__name__.replace("_", " ")
@@ -290,7 +285,7 @@ def run(cfg):
                                           cfg.block_size)
     results = {}
     for v in variants:
-        r = {k: statistics.median(vals) for k, vals in samples[v.spec].items()}
+        r = {k: statistics.median(vals) if k != "peer_check" else vals[0] for k, vals in samples[v.spec].items()}
         r.update({"kv_sources": v.model.kv_sources, "att_sources": v.model.att_sources, "params": v.model.num_params(),
                   "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize)})
         if "train" in parts:
@@ -350,48 +345,6 @@ def context_list(cfg):
     return contexts
 
 
-def plot_contexts(results, cfg, file):
-    """Decode tokens/s and GB/s against the cached context, one panel per batch size, a line per variant."""
-    plt = pyplot()
-    contexts, batches = context_list(cfg), list(dict.fromkeys((1, cfg.decode_batch)))
-    fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 7), squeeze=False)
-    for col, batch in enumerate(batches):
-        for spec, r in results.items():
-            for row, what in enumerate(("tok_s", "gb_s")):
-                axes[row, col].plot(contexts, [r[f"ctx_decode_{what}_b{batch}_{c}"] for c in contexts], marker="o",
-                                    label=spec)
-        axes[0, col].set(title=f"batch {batch}", ylabel="decode tokens/s")
-        axes[1, col].set(xlabel="cached context (positions)", ylabel="decode GB/s (weights + KV cache read)")
-        for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.preset}: decode speed against context, {device_name(cfg.device)}, {cfg.dtype}", fontsize=9)
-    save_figure(fig, file, dpi=90)
-    plt.close(fig)
-
-
-def plot_capacity(results, cfg, file):
-    """Decode tokens/s against the KV-cache budget, one panel per context, a line per variant, each point at
-    the largest batch that fits (its label)."""
-    plt = pyplot()
-    contexts, budgets = context_list(cfg), budget_list(cfg)
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
-    for ax, c in zip(axes[0], contexts):
-        for spec, r in results.items():
-            ax.plot(budgets, [r[f"cap_tok_s_{b}_{c}"] for b in budgets], marker="o", label=spec)
-            for b in budgets:
-                ax.annotate(f"{r[f'cap_batch_{b}_{c}']}", (b, r[f"cap_tok_s_{b}_{c}"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-        ax.set(title=f"{c} positions cached", xlabel="KV-cache budget (GiB); label: batch that fits",
-               ylabel="decode tokens/s (all sequences)")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.preset}: decode at a fixed cache budget, {device_name(cfg.device)}, {cfg.dtype}", fontsize=9)
-    save_figure(fig, file, dpi=90)
-    plt.close(fig)
-
-
 def table(results, cfg, peaks):
     """Readable rows: each figure and its ratio to the first variant (the baseline)."""
     base = results[next(iter(results))]
@@ -441,8 +394,13 @@ def main(argv):
     cfg = parse(argv)
     results, peaks = run(cfg)
     print(table(results, cfg, peaks))
+    if "peer" in cfg.parts:
+        print(peer_table(results["none"], list(dict.fromkeys((1, cfg.decode_batch))), context_list(cfg)))
     if cfg.plot:
-        (plot_contexts if "context" in cfg.parts else plot_capacity)(results, cfg, cfg.plot)
+        if "context" in cfg.parts:
+            plot_contexts(results, cfg, context_list(cfg), cfg.plot)
+        else:
+            plot_capacity(results, cfg, context_list(cfg), budget_list(cfg), cfg.plot)
         print(f"wrote {cfg.plot}")
     if cfg.json:
         with open(cfg.json, "w") as f:

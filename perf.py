@@ -98,6 +98,23 @@ def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
     return (weights + cache) * bytes_per_element
 
 
+def decode_kernels(step, batch, device):
+    """The kernels one compiled decode step launches, read from inductor's output code: {"generated": kernels
+    inductor wrote (fused C++ on a CPU, Triton on a GPU), "library": calls into library kernels (matmuls, SDPA)}.
+    On a GPU each is a launch inside the CUDA graph, so fewer is faster there even where a CPU hides it.
+    step: a freshly compiled model whose cache is set up for `batch` sequences, called as step(token, input_pos=)."""
+    import re
+    from torch._inductor.utils import run_and_get_code
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        _, codes = run_and_get_code(step, token, input_pos=torch.zeros_like(token[0]))
+    call = codes[-1][codes[-1].index("def call("):]
+    launches = re.findall(r"^\s*(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.[\w.]+)\(",
+                          call, re.M)
+    generated = sum(name.startswith(("cpp_fused_", "triton_")) for name in launches)
+    return {"generated": generated, "library": len(launches) - generated}
+
+
 def step_flops(model, teacher, seq_len):
     """Model FLOPs per token of a training step, what is really computed: the student's forward and backward
     (frozen weights get no weight gradient, layers below every trained weight no backward) and, when
@@ -200,6 +217,17 @@ class Timer:
     def __exit__(self, *exc):
         self.sync()
         self.seconds = time.perf_counter() - self.t0
+
+
+def decode_tokens_per_s(step, token, context, n, device):
+    """Tokens/s of n decode steps step(token, input_pos=) from position `context` on, after one untimed step."""
+    pos = torch.full((1,), context, dtype=torch.long, device=device)
+    step(token, input_pos=pos)  # warm-up (allocations)
+    with Timer(device) as t:
+        for _ in range(n):
+            step(token, input_pos=pos)
+            pos += 1
+    return token.size(0) * n / t.seconds
 
 
 def device_name(device):

@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from model import UsageError
+from perf import device_name
 from runlog import sharing
 
 
@@ -110,5 +111,46 @@ def plot_frontier(points, dataset, file):
     ax.set_title("numbers: layers that share (consumers)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, file, dpi=90)
+    plt.close(fig)
+
+
+def plot_contexts(results, cfg, contexts, file):
+    """bench.py: decode tokens/s and GB/s against the cached context, one panel per batch size, a line per variant."""
+    plt = pyplot()
+    batches = list(dict.fromkeys((1, cfg.decode_batch)))
+    fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 7), squeeze=False)
+    for col, batch in enumerate(batches):
+        for spec, r in results.items():
+            for row, what in enumerate(("tok_s", "gb_s")):
+                axes[row, col].plot(contexts, [r[f"ctx_decode_{what}_b{batch}_{c}"] for c in contexts], marker="o",
+                                    label=spec)
+        axes[0, col].set(title=f"batch {batch}", ylabel="decode tokens/s")
+        axes[1, col].set(xlabel="cached context (positions)", ylabel="decode GB/s (weights + KV cache read)")
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{cfg.preset}: decode speed against context, {device_name(cfg.device)}, {cfg.dtype}", fontsize=9)
+    save_figure(fig, file, dpi=90)
+    plt.close(fig)
+
+
+def plot_capacity(results, cfg, contexts, budgets, file):
+    """bench.py: decode tokens/s against the KV-cache budget, one panel per context, a line per variant, each point
+    at the largest batch that fits (its label)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
+    for ax, c in zip(axes[0], contexts):
+        for spec, r in results.items():
+            ax.plot(budgets, [r[f"cap_tok_s_{b}_{c}"] for b in budgets], marker="o", label=spec)
+            for b in budgets:
+                ax.annotate(f"{r[f'cap_batch_{b}_{c}']}", (b, r[f"cap_tok_s_{b}_{c}"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set(title=f"{c} positions cached", xlabel="KV-cache budget (GiB); label: batch that fits",
+               ylabel="decode tokens/s (all sequences)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{cfg.preset}: decode at a fixed cache budget, {device_name(cfg.device)}, {cfg.dtype}", fontsize=9)
     save_figure(fig, file, dpi=90)
     plt.close(fig)
