@@ -213,3 +213,32 @@ def test_layers_bad_input_is_one_line(five_layers, data_dir, extra, match):
     r = subprocess.run([sys.executable, "analyze.py", "layers", "--out_dir=/no/ckpt", "--n_producers=2"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "no checkpoint at /no/ckpt/ckpt.pt" in r.stderr
+
+
+def test_frontier_reads_gaps_savings_and_accuracy_from_the_runs(two_runs, data_dir, tmp_path):
+    """The original (eval_only) beside converted runs, each judging the same eval_datasets entry: one-shot is the
+    first eval, after the last; the cache saved and parameters follow each run's sharing."""
+    import json
+    base = dict(init_from=f"ckpt:{two_runs / 'base'}", eval_datasets="tiny", max_iters=4, eval_interval=2)
+    run(data_dir, tmp_path / "orig", eval_only=True, **base)
+    run(data_dir, tmp_path / "kv1", kv_share="echo:1", **base)
+    run(data_dir, tmp_path / "att2", att_share="echo:2", **base)
+    (tmp_path / "kv1" / "local_mc.json").write_text(json.dumps({"results": {"local_mc": {"acc,none": 0.625}}}))
+    png = tmp_path / "frontier.png"
+    r = subprocess.run([sys.executable, "analyze.py", "frontier", str(tmp_path / "orig"), str(tmp_path / "kv1"),
+                        str(tmp_path / "att2"), "--within=100", f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("kv1", "att2"))}
+    orig = read_log(tmp_path / "orig")[0]
+    for name, kind, n in (("kv1", "K/V", 1), ("att2", "attention", 2)):
+        evals = [x for x in read_log(tmp_path / name) if "val_loss" in x]
+        gaps = [evals[i]["eval_losses"]["tiny"] - orig["eval_losses"]["tiny"] for i in (0, -1)]
+        assert rows[name][1:4] == [kind, str(n), "4"] and rows[name][4:6] == [f"{g:+.3f}" for g in gaps]
+        saved = 1 - evals[-1]["kv_bytes_per_token"] / orig["kv_bytes_per_token"]
+        assert rows[name][6] == f"{saved:.1%}" and int(rows[name][7].replace(",", "")) == orig["params"] - evals[-1]["params"]
+    assert rows["kv1"][-1] == "0.625" and rows["att2"][-1] == "-"  # local_mc after training, where eval.py wrote it
+    assert "K/V: the most consumers within 100.0 nats after training: 1" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_original = subprocess.run([sys.executable, "analyze.py", "frontier", str(tmp_path / "kv1")],
+                                 capture_output=True, text=True, cwd=ROOT)
+    assert no_original.returncode == 1 and "needs the original" in no_original.stderr

@@ -100,10 +100,15 @@ def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_
 
 
 def fingerprint(source):
-    """What identifies a teacher across machines: its file's (or folder's) name and size in bytes."""
-    path = os.path.normpath(source.split(":", 1)[1])
-    files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
-    return f"{os.path.basename(path)}:{sum(os.path.getsize(f) for f in files if os.path.isfile(f))}"
+    """What identifies a teacher across machines: its weight files' names and sizes (the GGUF file; a Hugging Face
+    folder's files)."""
+    kind, path = source.split(":", 1)
+    if kind == "gguf":
+        from pretrained import gguf_file
+        files = [gguf_file(path)]
+    else:
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, f))]
+    return ", ".join(f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in files)
 
 
 def save_atomic(path, array):
