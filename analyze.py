@@ -341,8 +341,8 @@ def choose_and_judge(model, n_consumers, cost, att_cost, att_sim, heldout, heldo
     for label, kv_share, att_share in candidates:
         converted = convert_sharing(model, kv_share, att_share).eval()
         which = converted.kv_sources if kv_share != "none" else converted.att_sources
-        losses[label] = mean_loss(converted, heldout)
-        print(f"  {label:32} {'kv' if kv_share != 'none' else 'att'}_sources={which}  val loss {losses[label]:.4f}")
+        losses[label] = {"kv_share": kv_share, "att_share": att_share, "loss": mean_loss(converted, heldout)}
+        print(f"  {label:32} {'kv' if kv_share != 'none' else 'att'}_sources={which}  val loss {losses[label]['loss']:.4f}")
     return {"kv_share": ",".join(map(str, sources)), "att_share": ",".join(map(str, att_sources)), "heldout": losses}
 
 

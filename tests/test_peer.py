@@ -112,7 +112,7 @@ def test_interleaving_pairs_each_heads_halves():
     assert rows.tolist() == [0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]
 
 
-@pytest.mark.parametrize("n_head,n_kv_head", [(6, 2), (6, 6), (6, 1)])
+@pytest.mark.parametrize("n_head,n_kv_head", [(6, 2), (6, 1)])
 def test_the_peer_with_our_weights_gives_our_greedy_tokens(tmp_path, n_head, n_kv_head):
     torch.manual_seed(0)
     model = LLaMA(ModelConfig(vocab_size=97, block_size=64, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, n_embd=36,
@@ -130,7 +130,7 @@ def test_the_peer_with_our_weights_gives_our_greedy_tokens(tmp_path, n_head, n_k
 
 def test_bench_parts_peer_runs_and_bad_peers_are_one_line(tmp_path):
     base = [sys.executable, "bench.py", "--quick", "--variants=none", "--parts=peer", "--contexts=24",
-            "--decode_batch=2", "--rounds=1", "--n_layer=2"]
+            "--decode_batch=1", "--rounds=1", "--n_layer=2"]
     r = subprocess.run(base + [f"--peer=gpt-fast:{stand_in(tmp_path)}"], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
