@@ -177,6 +177,28 @@ class Variant:
         self.model.setup_cache(batch, context + self.cfg.decode_tokens)
         return decode_tokens_per_s(step, self.tokens(batch, 1), context, self.cfg.decode_tokens, self.cfg.device)
 
+    @torch.no_grad()
+    def naive_decode(self, prompt_len):
+        """Tokens/s at batch 1 when each new token recomputes the whole context (how nanoGPT samples)."""
+        idx = self.tokens(1, prompt_len)
+        with Timer(self.cfg.device) as t:
+            for _ in range(self.cfg.decode_tokens):
+                idx = torch.cat((idx, self.model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+        return self.cfg.decode_tokens / t.seconds
+
+    def max_batch(self):
+        """Largest micro-batch, doubling from batch_size, whose training step fits in GPU memory."""
+        b, fits = self.cfg.batch_size, None
+        while b <= 64 * self.cfg.batch_size:
+            try:
+                self.train_ms(b, warmup=0, steps=1)
+                fits, b = b, 2 * b
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        return fits
+
 
 def run(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True
