@@ -69,7 +69,7 @@ class TrainConfig:
     adapt_freeze: bool = False            # during the stages, train only the consumers and the projections they read
     # distillation (see README): loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
     distill_alpha: float = 0.0            # a; 0 = off
-    distill_hidden: float = 0.0           # h: EchoAtt's term, MSE of the residual streams after each group of a source and its consumers
+    distill_hidden: float = 0.0           # h: EchoAtt's term, residual-stream MSE after each source's group
     distill_temperature: float = 1.0      # T: both distributions are softened by it
     distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:, hf:, gguf:
     # AdamW, linear warmup then cosine decay to min_lr
@@ -263,7 +263,7 @@ def train(cfg):
     ddp, rank, world = setup_ddp(cfg)
     master = rank == 0
     if cfg.gradient_accumulation_steps % world:
-        raise UsageError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by {world}")
+        raise UsageError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: not divisible by {world} ranks")
     accum = cfg.gradient_accumulation_steps // world
     ptdtype, autocast = precision(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's) ...
@@ -274,7 +274,7 @@ def train(cfg):
     model, ckpt, loaded = initial_model(cfg, meta)
     teacher_from = teacher_source(cfg, ckpt)
     teacher = load_teacher(cfg, meta, teacher_from, loaded, model)
-    del loaded  # the teacher, if it is the model as loaded; else one copy of the weights fewer
+    del loaded  # no reference kept here: the teacher may be that model, else its weights are freed
     torch.manual_seed(cfg.seed + rank)  # ... but each rank its own dropout stream
     if cfg.init_from != "scratch":  # the model's shape (and dropout, as set on it) wins over the settings
         for k, v in asdict(model.config).items():
