@@ -283,7 +283,7 @@ def run(cfg):
         return out
 
     if peer_module:  # before any timing: the same weights must give the same greedy tokens in both
-        samples["none"]["peer_check"] = [peer_check(variants[0].model.to(cfg.device), peer_module)]
+        samples["none"]["peer_check"] = [peer_check(inference_layout(variants[0].model.to(cfg.device)), peer_module)]
         variants[0].model.to("cpu").kv_cache = None
     for measure in (train_round, inference_round, context_round, capacity_round, peer_round):
         if measure.__name__.split("_")[0] not in parts:
@@ -329,6 +329,11 @@ def run(cfg):
             for c in decode_contexts:  # a step reads the weights and each layer's K and V over the whole cache
                 step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
                 r[f"ctx_decode_gb_s_b{batch}_{c}"] = step_bytes / batch * r[f"ctx_decode_tok_s_b{batch}_{c}"] / 1e9
+        for batch in dict.fromkeys((1, cfg.decode_batch)) if "peer" in parts and v.spec == "none" else ():
+            for c in decode_contexts:  # both read the same weights and cache: MBU of each against one limit
+                step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
+                for run in (f"{impl}_{mode}_b{batch}_{c}" for impl in ("ours", "gptfast") for mode in ("eager", "compiled")):
+                    r[f"peer_mbu_{run}"] = step_bytes / batch * r[f"peer_{run}"] / peak_bytes if peak_bytes else None
         if cfg.find_max_batch and cuda and "train" in parts:
             v.model.to(cfg.device)
             r["max_micro_batch"] = v.max_batch()

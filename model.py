@@ -187,18 +187,25 @@ class Attention(nn.Module):
     def __init__(self, cfg, computes):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        kv_dim = cfg.n_kv_head * cfg.head_dim
-        if computes["q"]:
-            self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        if computes["k"]:
-            self.wk = nn.Linear(cfg.n_embd, kv_dim, bias=False)
-        if computes["v"]:
-            self.wv = nn.Linear(cfg.n_embd, kv_dim, bias=False)
+        self.heads = {"q": cfg.n_head, "k": cfg.n_kv_head, "v": cfg.n_kv_head}
+        self.computes = [p for p in "qkv" if computes[p]]  # in this order, also in the fused matrix's rows
+        self.rows = [self.heads[p] * cfg.head_dim for p in self.computes]
+        for p, rows in zip(self.computes, self.rows):
+            setattr(self, f"w{p}", nn.Linear(cfg.n_embd, rows, bias=False))
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def project(self, w, x, heads):
-        return w(x).view(x.size(0), x.size(1), heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+    def project(self, x, given):
+        """The projections this layer computes and is not handed in `given` (analyze.py hands a layer what it
+        could compute): {"q": (B, n_head, T, hd), "k", "v": (B, n_kv_head, T, hd)}. In decoding's layout
+        (generate.inference_layout) they are rows of one matrix wqkv: one matmul, not three."""
+        wanted = [p for p in self.computes if getattr(given, p) is None]
+        if hasattr(self, "wqkv"):
+            outs = dict(zip(self.computes, self.wqkv(x).split(self.rows, -1)))
+        else:
+            outs = {p: getattr(self, f"w{p}")(x) for p in wanted}
+        return {p: outs[p].unflatten(-1, (self.heads[p], self.head_dim)).transpose(1, 2)  # (B, heads, T, hd)
+                for p in wanted}
 
     def forward(self, x, *, rope, mode, mask=None, given=Attended(), cache=None, slots=(None, None), input_pos=None,
                 share_probs=False):
@@ -212,9 +219,10 @@ class Attention(nn.Module):
         def cached(which, t):  # without a cache t itself; with one, t written at input_pos and the whole slot
             return t if cache is None else cache.write(which, slots[which == "v"], input_pos, t)  # (B, KVH, S, hd)
 
-        q = given.q if given.q is not None else apply_rope(self.project(self.wq, x, self.n_head), cos, sin)
-        k = given.k if given.k is not None else cached("k", apply_rope(self.project(self.wk, x, self.n_kv_head), cos, sin))
-        v = given.v if given.v is not None else cached("v", self.project(self.wv, x, self.n_kv_head))
+        own = self.project(x, given)
+        q = apply_rope(own["q"], cos, sin) if "q" in own else given.q
+        k = cached("k", apply_rope(own["k"], cos, sin)) if "k" in own else given.k
+        v = cached("v", own["v"]) if "v" in own else given.v
         probs = None
         if mode == FULL:  # from position 0: SDPA's own causal mask (flash kernel, GQA included)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,

@@ -117,14 +117,19 @@ def peer_decode_at(peer, batch, context, n, compiled):
 
 
 def peer_table(r, batches, contexts):
-    """bench.py parts=peer: decode tokens/s of ours and gpt-fast's, eager and compiled, and kernels per step."""
+    """bench.py parts=peer: decode tokens/s of ours and gpt-fast's, eager and compiled, kernels per step, and each
+    one's MBU (the bytes a step must read, per second, against the read limit)."""
     check, names = r["peer_check"], ("ours eager", "ours compiled", "gpt-fast eager", "gpt-fast compiled")
+    runs = [f"{impl}_{mode}" for impl in ("ours", "gptfast") for mode in ("eager", "compiled")]
     lines = [f"gpt-fast with the same weights: greedy tokens identical over {check['tokens_identical']}; kernels per "
              f"compiled decode step (generated + library): " + ", ".join(f"{k} {v['generated']} + {v['library']}"
                                                                        for k, v in check["kernels"].items()),
-             f"{'batch':>5} {'context':>7}" + "".join(f"{n:>18}" for n in names) + f"{'compiled, ours/theirs':>23}"]
+             "decode tokens/s (MBU %: the bytes a step must read, per second, against the read limit)",
+             f"{'batch':>5} {'context':>7}   " + "".join(f"{n:>19}" for n in names) + f"{'compiled, ours/theirs':>23}"]
     for batch in batches:
         for c in contexts:
-            cells = [r[f"peer_{impl}_{mode}_b{batch}_{c}"] for impl in ("ours", "gptfast") for mode in ("eager", "compiled")]
-            lines.append(f"{batch:>5} {c:>7}" + "".join(f"{x:>18.1f}" for x in cells) + f"{cells[1] / cells[3]:>22.2f}x")
+            tok_s = [r[f"peer_{run}_b{batch}_{c}"] for run in runs]
+            mbu = [r.get(f"peer_mbu_{run}_b{batch}_{c}") for run in runs]
+            cells = (f"{x:.1f}" + (f" ({100 * m:.0f}%)" if m is not None else "") for x, m in zip(tok_s, mbu))
+            lines.append(f"{batch:>5} {c:>7}   " + "".join(f"{cell:>19}" for cell in cells) + f"{tok_s[1] / tok_s[3]:>22.2f}x")
     return "\n".join(lines)

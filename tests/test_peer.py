@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from generate import inference_layout
 from model import LLaMA, ModelConfig
 from peer import interleave_rope_rows, load_peer, peer_check
 from perf import decode_kernels
@@ -121,7 +122,7 @@ def test_the_peer_with_our_weights_gives_our_greedy_tokens(tmp_path, n_head, n_k
         for layer in model.layers:
             for w in ("wq", "wk", "wv", "wo"):
                 getattr(layer.attention, w).weight.mul_(40 if w in ("wq", "wk") else 8)
-    check = peer_check(model, load_peer(f"gpt-fast:{stand_in(tmp_path)}"))
+    check = peer_check(inference_layout(model), load_peer(f"gpt-fast:{stand_in(tmp_path)}"))  # as bench.py does
     assert check["tokens_identical"] == 24 and set(check["kernels"]) == {"ours", "gpt-fast"}
     # the halves layout (no permutation expected) must be caught before any timing
     with pytest.raises(ValueError, match="greedy tokens differ"):
@@ -135,6 +136,8 @@ def test_bench_parts_peer_runs_and_bad_peers_are_one_line(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     assert "greedy tokens identical over 24" in r.stdout and "compiled, ours/theirs" in r.stdout
+    row = r.stdout.splitlines()[-1].split()  # batch, context, then tokens/s (MBU %) of each of the four, the ratio
+    assert row[:2] == ["1", "24"] and len(row) == 2 + 4 * 2 + 1 and all(m.endswith("%)") for m in row[3:10:2])
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model.py").write_text("x = 1\n")
@@ -147,8 +150,8 @@ def test_bench_parts_peer_runs_and_bad_peers_are_one_line(tmp_path):
 # Kernels one compiled decode step launches, for a 4-layer GQA model (d=48, 6 heads / 2 KV heads, batch 1,
 # 32 cached positions), as `python -c "..."` of this test's body prints them. A change that makes the step
 # launch more kernels fails here: on a GPU each one is a launch inside the CUDA graph.
-KERNELS = {("none", "none"): (21, 33), ("echo:2", "none"): (19, 29), ("none", "echo:2"): (22, 30),
-           ("0,1,1,3", "0,1,2,1"): (22, 30)}
+KERNELS = {("none", "none"): (17, 25), ("echo:2", "none"): (17, 25), ("none", "echo:2"): (18, 26),
+           ("0,1,1,3", "0,1,2,1"): (18, 26)}
 
 
 @pytest.mark.parametrize("kv_share,att_share", list(KERNELS))
@@ -157,6 +160,7 @@ def test_kernels_per_decode_step_do_not_grow(kv_share, att_share):
     torch._dynamo.reset()
     model = LLaMA(ModelConfig(vocab_size=83, block_size=32, n_layer=4, n_head=6, n_kv_head=2, n_embd=48,
                               intermediate_size=80, kv_share=kv_share, att_share=att_share)).eval()
+    inference_layout(model)  # as sample.py and bench.py decode: q|k|v fused into one matrix a layer
     model.setup_cache(1, 32)
     counted = decode_kernels(torch.compile(model, fullgraph=True), 1, "cpu")
     generated, library = KERNELS[kv_share, att_share]

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conversion import convert_sharing
+from generate import inference_layout
 from model import LLaMA, ModelConfig, projection_sources
 from perf import kv_cache_bytes, matmul_params, projection_counts, training_flops_per_token
 
@@ -88,6 +89,24 @@ def test_weights_slots_tensors_and_counts_follow_the_rule(pair, heads, tied):
     plain = LLaMA(ModelConfig(**{**cfg.__dict__, "kv_share": "none", "att_share": "none"}))
     converted = convert_sharing(plain, kv_share, att_share)
     assert converted.state_dict().keys() == model.state_dict().keys()
+    # decoding's layout (each layer's q|k|v rows as one matrix) keeps the state dict and every logit
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        full = model(idx, all_logits=True)[0]
+        model(idx[:, :8], input_pos=torch.arange(8))
+        step = model(idx[:, 8:], input_pos=torch.tensor([8]))[0]
+        inference_layout(model)
+        for i, src in enumerate(rule):
+            rows = sum((cfg.n_head if p == "q" else cfg.n_kv_head) * cfg.head_dim for p in "qkv" if src[p] == i)
+            assert model.layers[i].attention.wqkv.weight.shape == (rows, cfg.n_embd)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == state.keys()
+        torch.testing.assert_close(model(idx, all_logits=True)[0], full, atol=1e-5, rtol=1e-5)
+        model(idx[:, :8], input_pos=torch.arange(8))
+        torch.testing.assert_close(model(idx[:, 8:], input_pos=torch.tensor([8]))[0], step, atol=1e-5, rtol=1e-5)
+        model.load_state_dict(converted.state_dict())  # a state dict loads into the fused layout too
+        torch.testing.assert_close(model(idx, all_logits=True)[0], converted.eval()(idx, all_logits=True)[0],
+                                   atol=1e-5, rtol=1e-5)
 
 
 CHANGED_RULE = ('    return {"q": att_sources[i], "k": kv_sources[att_sources[i]], "v": kv_sources[i]}',
