@@ -3,16 +3,16 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from generate import cache_len, compile_decode_step, generate, generate_tokens
+from generate import cache_len, compile_decode_step, generate, generate_tokens, inference_layout
 from model import LLaMA, ModelConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def gpu_model(spec, n_head=8, n_kv_head=2):
+def gpu_model(spec, n_head=8, n_kv_head=2, att_share="none"):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=256, block_size=128, n_layer=4, n_head=n_head, n_kv_head=n_kv_head, n_embd=256,
-                      kv_share=spec)
+                      kv_share=spec, att_share=att_share)
     return LLaMA(cfg).cuda().to(torch.bfloat16).eval()
 
 
@@ -32,12 +32,14 @@ def test_cached_attention_never_falls_back_to_the_math_kernel(spec, n_kv_head):
     torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=0.15, rtol=0.05)
 
 
-def test_compiled_decode_equals_eager():
-    model = gpu_model("echo:2")
+@pytest.mark.parametrize("kv_share,att_share", [("echo:2", "none"), ("none", "echo:2")])
+def test_compiled_decode_in_decodings_layout_equals_eager(kv_share, att_share):
+    model = gpu_model(kv_share, att_share=att_share)
     with torch.no_grad():
         model.output.weight.mul_(8)
     idx = torch.randint(0, 256, (2, 7), device="cuda")
     eager = generate(model, idx, 40, temperature=0)
+    inference_layout(model)  # as sample.py decodes: q|k|v fused into one matrix a layer (the CUDA graph's matmuls)
     step = compile_decode_step(model, 2, cache_len(model, 7, 40))
     compiled = torch.cat([idx] + list(generate_tokens(model, idx, 40, temperature=0, step=step)), 1)
     assert (compiled == eager).float().mean() > 0.95  # bf16: an exact tie may rarely flip
