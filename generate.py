@@ -89,16 +89,17 @@ def until_stop(row, stop):
 
 
 def inference_layout(model):
-    """The weights laid out for decoding, same values and state_dict. (1) The projections each layer computes
-    as one matrix, wqkv with rows q|k|v (as gpt-fast loads its weights): one matmul a layer where there were up
-    to three, and the RoPE and cache writes after it fuse into one kernel (on a GPU each kernel is a launch in
-    the CUDA graph). Only here: in training a conversion stage may freeze one projection and train another.
-    (2) On a CPU, every Linear weight stored (in, out)-contiguous, only the strides change. Why: a batch-1
+    """The weights laid out for decoding, same values and state_dict. (1) Matrices that multiply the same input
+    as one matrix (as gpt-fast loads its wqkv): the q, k, v projections each layer computes, and the MLP's w1 and
+    w3. One matmul where there were up to three, and what follows each fuses into one kernel (on a GPU each kernel
+    is a launch in the CUDA graph). Only here: in training a conversion stage may freeze one projection and train
+    another. (2) On a CPU, every Linear weight stored (in, out)-contiguous, only the strides change. Why: a batch-1
     decode step is one matrix-vector product per weight, and MKL's fp32 product over nn.Linear's (out, in) rows
     runs on one core (12.6 GB/s for the 32000 x 768 head on the 2-core EPYC here) but streams (in, out) rows on
     both (20 GB/s). Decode at 12 x 768, vocab 32000 went from 26.5 to 32.2 tok/s eager."""
     for layer in model.layers:
-        fuse_projections(layer.attention)
+        fuse_rows(layer.attention, [f"w{p}" for p in layer.attention.computes], "wqkv")
+        fuse_rows(layer.feed_forward, ["w1", "w3"], "w13")
     if model.tok_embeddings.weight.device.type == "cpu":
         with torch.no_grad():
             for m in model.modules():
@@ -107,25 +108,27 @@ def inference_layout(model):
     return model
 
 
-def fuse_projections(attention):
-    """Replace an Attention's wq, wk, wv (those it has) by wqkv; its state dict keeps their names (hooks)."""
-    if hasattr(attention, "wqkv"):
+def fuse_rows(module, names, fused):
+    """Replace a module's Linears `names` (same input, no bias) by one Linear `fused` stacking their rows in that
+    order. Its state dict keeps their names: two hooks split the rows on saving and join them on loading."""
+    if hasattr(module, fused):
         return
-    weight = torch.cat([getattr(attention, f"w{p}").weight.detach() for p in attention.computes])  # (rows, C)
-    attention.wqkv = nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta")
-    attention.wqkv.weight = nn.Parameter(weight)
-    for p in attention.computes:
-        delattr(attention, f"w{p}")
-    names = [f"w{p}.weight" for p in attention.computes]
+    rows = [getattr(module, n).weight.size(0) for n in names]
+    weight = torch.cat([getattr(module, n).weight.detach() for n in names])  # (sum(rows), in)
+    setattr(module, fused, nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta"))
+    getattr(module, fused).weight = nn.Parameter(weight)
+    for n in names:
+        delattr(module, n)
+    keys = [f"{n}.weight" for n in names]
 
-    def split_names(module, state_dict, prefix, local_metadata):  # wqkv's rows back under wq, wk, wv
-        state_dict.update(zip((prefix + n for n in names), state_dict.pop(prefix + "wqkv.weight").split(module.rows)))
+    def split_rows(module, state_dict, prefix, local_metadata):
+        state_dict.update(zip((prefix + k for k in keys), state_dict.pop(f"{prefix}{fused}.weight").split(rows)))
 
-    def join_names(module, state_dict, prefix, *args):  # a state dict's wq, wk, wv into wqkv
-        if all(prefix + n in state_dict for n in names):
-            state_dict[prefix + "wqkv.weight"] = torch.cat([state_dict.pop(prefix + n) for n in names])
-    attention.register_state_dict_post_hook(split_names)
-    attention.register_load_state_dict_pre_hook(join_names)
+    def join_rows(module, state_dict, prefix, *args):
+        if all(prefix + k in state_dict for k in keys):
+            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(prefix + k) for k in keys])
+    module.register_state_dict_post_hook(split_rows)
+    module.register_load_state_dict_pre_hook(join_rows)
 
 
 def compile_decode_step(model, batch_size, max_len, warmup_calls=3):

@@ -186,7 +186,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg, computes):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.heads = {"q": cfg.n_head, "k": cfg.n_kv_head, "v": cfg.n_kv_head}
         self.computes = [p for p in "qkv" if computes[p]]  # in this order, also in the fused matrix's rows
         self.rows = [self.heads[p] * cfg.head_dim for p in self.computes]
@@ -281,8 +281,9 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x):
-        return F.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.dropout, self.training)
+    def forward(self, x):  # in decoding's layout (generate.inference_layout) w1 and w3 are the halves of one w13
+        h1, h3 = self.w13(x).chunk(2, -1) if hasattr(self, "w13") else (self.w1(x), self.w3(x))
+        return F.dropout(self.w2(F.silu(h1) * h3), self.dropout, self.training)
 
 
 class Block(nn.Module):
