@@ -17,6 +17,7 @@ each round runs every variant once, so drift on a noisy machine affects all alik
 rounds. MFU and MBU are against the datasheet peak of a listed GPU, else against a peak measured here
 (a 2048^2 matmul; a 512 MiB read on a CPU); the table's head says which.
 """
+import itertools
 import json
 import statistics
 import sys
@@ -332,7 +333,8 @@ def run(cfg):
         for batch in dict.fromkeys((1, cfg.decode_batch)) if "peer" in parts and v.spec == "none" else ():
             for c in decode_contexts:  # both read the same weights and cache: MBU of each against one limit
                 step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
-                for run in (f"{impl}_{mode}_b{batch}_{c}" for impl in ("ours", "gptfast") for mode in ("eager", "compiled")):
+                for impl, mode in itertools.product(("ours", "gptfast"), ("eager", "compiled")):
+                    run = f"{impl}_{mode}_b{batch}_{c}"
                     r[f"peer_mbu_{run}"] = step_bytes / batch * r[f"peer_{run}"] / peak_bytes if peak_bytes else None
         if cfg.find_max_batch and cuda and "train" in parts:
             v.model.to(cfg.device)

@@ -89,7 +89,7 @@ def test_weights_slots_tensors_and_counts_follow_the_rule(pair, heads, tied):
     plain = LLaMA(ModelConfig(**{**cfg.__dict__, "kv_share": "none", "att_share": "none"}))
     converted = convert_sharing(plain, kv_share, att_share)
     assert converted.state_dict().keys() == model.state_dict().keys()
-    # decoding's layout (each layer's q|k|v rows as one matrix) keeps the state dict and every logit
+    # decoding's layout (q|k|v rows as one matrix a layer, w1|w3 another) keeps the state dict and every logit
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -100,7 +100,9 @@ def test_weights_slots_tensors_and_counts_follow_the_rule(pair, heads, tied):
         for i, src in enumerate(rule):
             rows = sum((cfg.n_head if p == "q" else cfg.n_kv_head) * cfg.head_dim for p in "qkv" if src[p] == i)
             assert model.layers[i].attention.wqkv.weight.shape == (rows, cfg.n_embd)
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == state.keys()
+            assert model.layers[i].feed_forward.w13.weight.shape == (2 * cfg.intermediate_size, cfg.n_embd)
+        fused_state = model.state_dict()
+        assert fused_state.keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in fused_state.items())
         torch.testing.assert_close(model(idx, all_logits=True)[0], full, atol=1e-5, rtol=1e-5)
         model(idx[:, :8], input_pos=torch.arange(8))
         torch.testing.assert_close(model(idx[:, 8:], input_pos=torch.tensor([8]))[0], step, atol=1e-5, rtol=1e-5)
