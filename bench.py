@@ -27,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
-from generate import cache_len, compile_decode_step, generate_tokens, inference_layout
-from checkpoint import config_from_dict
+from echo.generate import cache_len, compile_decode_step, generate_tokens, inference_layout
+from echo.checkpoint import config_from_dict
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
-from peer import load_peer, peer_check, peer_decode_at, peer_model, peer_table
-from perf import (Timer, decode_bytes_per_step, decode_tokens_per_s, device_name, device_peak, kv_cache_bytes,
-                  training_flops_per_token)
-from plotting import plot_capacity, plot_contexts
+from tools.peer import load_peer, peer_check, peer_decode_at, peer_model, peer_table
+from echo.costs import decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
+from echo.measure import Timer, decode_tokens_per_s, device_name, device_peak
+from tools.plotting import plot_capacity, plot_contexts
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),

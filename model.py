@@ -10,7 +10,7 @@ q, k and v each layer attends with is one rule, `projection_sources`; weights, c
 the cost counts all follow from it.
 
 Parts, top to bottom: config + sharing specs and the rule, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU),
-the layer-aware KV cache, the model. Elsewhere: what sharing saves and the device's peaks (perf.py), converting
+the layer-aware KV cache, the model. Elsewhere, in the library echo/: what sharing saves (costs.py), converting
 a model between specs (conversion.py), generation (generate.py), our checkpoints (checkpoint.py) and weights
 from Hugging Face or GGUF files (pretrained.py).
 """
@@ -78,8 +78,7 @@ def resolve_sources(spec, n_layer, name="kv_share"):
                  (G need not divide n_layer: the top group is smaller)  cla:4  -> [0, 0, 0, 0, 4, 4]
       "0,0,2,2"  explicit: entry i is layer i's source (a layer at or below i that is its own source)
                                                             0,0,2,2,2,5 -> [0, 0, 2, 2, 2, 5]
-    (the examples are for n_layer = 6; on SmolLM2's 30 layers echo:7 makes layers 23-29 consumers of layer 22.
-    N counts consumers: analyze.py's --n_producers counts the layers that stay their own source, 30 - N)
+    (examples for n_layer = 6; N counts consumers: on SmolLM2's 30 layers echo:7 makes layers 23-29 read 22)
     """
     spec = str(spec).strip()
     grammar = "expected 'none', 'echo:N', 'cla:G' or a comma-separated list of source layers"
@@ -135,8 +134,9 @@ def projection_sources(kv_sources, att_sources, i):
 
 
 def computed_projections(kv_sources, att_sources):
-    """Per layer, which of q, k, v it computes itself ({"q": bool, ..}): those it is its own source for."""
-    return [{p: src == i for p, src in projection_sources(kv_sources, att_sources, i).items()}
+    """Per layer, the projections it computes itself, in q, k, v order (e.g. ["q"] for a K/V consumer): those it
+    is its own source for."""
+    return [[p for p, src in projection_sources(kv_sources, att_sources, i).items() if src == i]
             for i in range(len(kv_sources))]
 
 
@@ -168,10 +168,9 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-# What a layer attended with, handed to the layers that read it: rotated queries (B, H, T, hd), rotated keys
-# and values (B, KVH, S, hd), S = T in a full pass or the cache's length through the cache; and in a decode
-# step of a layer whose attention others reuse, its attention probabilities (B, KVH, G*T, S), else None.
-# Handed *to* a layer, the fields it computes itself are None.
+# What a layer attended with, handed to the layers that read it: rotated queries (B, H, T, hd), rotated keys and
+# values (B, KVH, S, hd), S = T in a full pass or the cache's length; in a decode step of a layer whose attention
+# is reused, its probabilities (B, KVH, G*T, S), else None. Handed *to* a layer, what it computes itself is None.
 Attended = namedtuple("Attended", "q k v probs", defaults=(None, None, None, None))
 
 # How a pass runs, decided once in LLaMA.forward and handed down by name
@@ -181,24 +180,24 @@ DECODE = "decode"    # one new token per sequence through the cache (generation'
 
 
 class Attention(nn.Module):
-    """Grouped-query causal attention. `computes` ({"q", "k", "v"} -> bool, from projection_sources) says which
-    projections the layer has; the others it is handed by the layer it reads (`given`). Every layer has wo."""
+    """Grouped-query causal attention. `computes` (computed_projections, e.g. ["q"]) lists the projections the
+    layer has, in q, k, v order (the fused matrix's rows too); the others it is handed (`given`). Every layer
+    has wo. attention_reused: layers above reuse its attention, so a decode step hands them its probabilities."""
 
-    def __init__(self, cfg, computes):
+    def __init__(self, cfg, computes, attention_reused=False):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
         self.heads = {"q": cfg.n_head, "k": cfg.n_kv_head, "v": cfg.n_kv_head}
-        self.computes = [p for p in "qkv" if computes[p]]  # in this order, also in the fused matrix's rows
+        self.computes, self.attention_reused = list(computes), attention_reused
         self.rows = [self.heads[p] * cfg.head_dim for p in self.computes]
         for p, rows in zip(self.computes, self.rows):
             setattr(self, f"w{p}", nn.Linear(cfg.n_embd, rows, bias=False))
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.dropout = cfg.dropout
 
     def project(self, x, given):
-        """The projections this layer computes and is not handed in `given` (analyze.py hands a layer what it
-        could compute): {"q": (B, n_head, T, hd), "k", "v": (B, n_kv_head, T, hd)}. In decoding's layout
-        (generate.inference_layout) they are rows of one matrix wqkv: one matmul, not three."""
+        """The projections this layer computes and is not handed in `given` (a layer handed one it could compute
+        uses what it is handed: LLaMA.layer_step's `reads`): {"q": (B, n_head, T, hd), "k", "v": (B, n_kv_head,
+        T, hd)}. In the inference layout (generate.inference_layout) they are rows of one matrix wqkv: one matmul."""
         wanted = [p for p in self.computes if getattr(given, p) is None]
         if hasattr(self, "wqkv"):
             outs = dict(zip(self.computes, self.wqkv(x).split(self.rows, -1)))
@@ -207,29 +206,28 @@ class Attention(nn.Module):
         return {p: outs[p].unflatten(-1, (self.heads[p], self.head_dim)).transpose(1, 2)  # (B, heads, T, hd)
                 for p in wanted}
 
-    def forward(self, x, *, rope, mode, mask=None, given=Attended(), cache=None, slots=(None, None), input_pos=None,
-                share_probs=False):
+    def forward(self, x, *, rope, mode, mask=None, given=Attended(), cache=None, slot_numbers=(None, None),
+                input_pos=None):
         """Attend with q, k and v: each the layer's own, or the rotated one its source attended with (`given`).
-        Keys and values it computes are rotated once, here, and written to its cache slots (slots[0], slots[1])
-        when there is a cache. share_probs: layers above reuse this attention, so a decode step hands them its
-        probabilities. Returns (output, Attended)."""
+        Keys and values it computes are rotated once, here, and written to its cache slots (K slot number
+        slot_numbers[0], V slot slot_numbers[1]) when there is a cache. Returns (output, Attended)."""
         B, T, _ = x.shape
         cos, sin = rope
 
-        def cached(which, t):  # without a cache t itself; with one, t written at input_pos and the whole slot
-            return t if cache is None else cache.write(which, slots[which == "v"], input_pos, t)  # (B, KVH, S, hd)
+        def to_cache(which, t):  # without a cache t itself; with one, t written at input_pos and the whole slot
+            return t if cache is None else cache.write(which, slot_numbers[which == "v"], input_pos, t)  # (B, KVH, S, hd)
 
         own = self.project(x, given)
         q = apply_rope(own["q"], cos, sin) if "q" in own else given.q
-        k = cached("k", apply_rope(own["k"], cos, sin)) if "k" in own else given.k
-        v = cached("v", own["v"]) if "v" in own else given.v
+        k = to_cache("k", apply_rope(own["k"], cos, sin)) if "k" in own else given.k
+        v = to_cache("v", own["v"]) if "v" in own else given.v
         probs = None
         if mode == FULL:  # from position 0: SDPA's own causal mask (flash kernel, GQA included)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         elif mode == DECODE and given.probs is not None:  # an attention consumer: its source's probabilities,
             y = mix_values(given.probs, v, self.n_head)     # no keys read, no scores
-        elif mode == DECODE and share_probs:  # layers above reuse this attention: compute the probabilities once
+        elif mode == DECODE and self.attention_reused:  # layers above reuse it: compute the probabilities once
             y, probs = attend_explicit(q, k, v, mask)
         else:  # through the cache at an offset: an explicit (T, S) mask, since is_causal=True would mask the
             y = attend_masked(q, k, v, mask)  # top-left triangle where T new queries need the bottom rows
@@ -281,16 +279,16 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x):  # in decoding's layout (generate.inference_layout) w1 and w3 are the halves of one w13
+    def forward(self, x):  # in the inference layout (generate.inference_layout) w1 and w3 are the halves of one w13
         h1, h3 = self.w13(x).chunk(2, -1) if hasattr(self, "w13") else (self.w1(x), self.w3(x))
         return F.dropout(self.w2(F.silu(h1) * h3), self.dropout, self.training)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, computes):
+    def __init__(self, cfg, computes, attention_reused=False):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attention = Attention(cfg, computes)
+        self.attention = Attention(cfg, computes, attention_reused)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
@@ -305,28 +303,27 @@ class Block(nn.Module):
 # K/V consumers have neither (they read their producer's); attention consumers only a V slot.
 
 class KVCache(nn.Module):
-    """The static KV cache, written in place at input_pos: slots k0, k1, ... and v0, v1, ..., each its own
-    (B, KVH, max_len, hd) buffer. Not slices of one stacked tensor: torch.compile writes into a slice of a
-    shared buffer by copying every slot whole, each decode step (seen in inductor's output code), where it
-    writes a buffer of its own in place."""
+    """The static KV cache, written in place at input_pos: slots k0, k1, ... and v0, v1, ..., each a (B, KVH,
+    max_len, hd) buffer of its own, not a slice of one stacked tensor (torch.compile writes a slice of a shared
+    buffer by copying every slot whole each decode step, seen in inductor's output code)."""
 
     def __init__(self, n_k_slots, n_v_slots, batch_size, max_len, n_kv_head, head_dim, dtype, device):
         super().__init__()
         for which, n in (("k", n_k_slots), ("v", n_v_slots)):
-            for slot in range(n):
-                self.register_buffer(f"{which}{slot}", torch.zeros(batch_size, n_kv_head, max_len, head_dim,
+            for number in range(n):
+                self.register_buffer(f"{which}{number}", torch.zeros(batch_size, n_kv_head, max_len, head_dim,
                                                                    dtype=dtype, device=device), persistent=False)
         self.n_slots = {"k": n_k_slots, "v": n_v_slots}
         self.batch_size, self.max_len = batch_size, max_len
 
-    def slot(self, which, slot):
-        """K (which="k") or V slot number `slot`: (B, KVH, max_len, hd)."""
-        return getattr(self, f"{which}{slot}")
+    def slot(self, which, number):
+        """K (which="k") or V slot number `number`: (B, KVH, max_len, hd)."""
+        return getattr(self, f"{which}{number}")
 
-    def write(self, which, slot, input_pos, x):
+    def write(self, which, number, input_pos, x):
         """Write x (B, KVH, T, hd) at positions input_pos (T,) of a slot; return the slot's whole (B, KVH, S, hd).
         The cache keeps its own dtype (under autocast x may arrive in another)."""
-        buffer = self.slot(which, slot)
+        buffer = self.slot(which, number)
         buffer[:, :, input_pos] = x.to(buffer.dtype)
         return buffer
 
@@ -339,10 +336,11 @@ class KVCache(nn.Module):
         return sum(b.nbytes for b in self.buffers())
 
 
-def cache_slots(computes):
-    """(k_slot, v_slot) per layer: where it caches the keys (values) it computes, None where it computes none."""
-    k_layers, v_layers = ([i for i, c in enumerate(computes) if c[p]] for p in ("k", "v"))
-    return [(k_layers.index(i) if c["k"] else None, v_layers.index(i) if c["v"] else None)
+def slot_numbers(computes):
+    """(K slot number, V slot number) per layer: the slots it caches the keys (values) it computes in, None where
+    it computes none."""
+    k_layers, v_layers = ([i for i, c in enumerate(computes) if p in c] for p in ("k", "v"))
+    return [(k_layers.index(i) if "k" in c else None, v_layers.index(i) if "v" in c else None)
             for i, c in enumerate(computes)]
 
 
@@ -353,11 +351,13 @@ class LLaMA(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.kv_sources, self.att_sources = resolve_sharing(config)
+        self.kv_sources, self.att_sources = resolve_sharing(config)  # fixed: other specs make another model
+        self.reads_from = [projection_sources(self.kv_sources, self.att_sources, i) for i in range(config.n_layer)]
         computes = computed_projections(self.kv_sources, self.att_sources)
-        self.slots = cache_slots(computes)
+        self.slot_numbers = slot_numbers(computes)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, c) for c in computes)
+        self.layers = nn.ModuleList(Block(config, c, attention_reused=any(r["q"] == i for r in self.reads_from[i + 1:]))
+                                    for i, c in enumerate(computes))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -398,20 +398,20 @@ class LLaMA(nn.Module):
         c = self.kv_cache
         if c is not None and (c.batch_size, c.max_len, c.dtype, c.k0.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
-        n_k, n_v = (sum(s is not None for s in slots) for slots in zip(*self.slots))
+        n_k, n_v = (sum(n is not None for n in numbers) for numbers in zip(*self.slot_numbers))
         self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                 dtype, device)
 
-    def layer_step(self, i, x, seen, *, rope, mode=FULL, mask=None, cache=None, input_pos=None):
+    def layer_step(self, i, x, seen, *, rope, mode=FULL, mask=None, cache=None, input_pos=None, reads=None):
         """Run layer i on the residual stream x. seen[j] is what layer j attended with (an Attended); layer i is
-        handed the q, k, v its sources attended with (projection_sources), and its own Attended is appended."""
-        src = projection_sources(self.kv_sources, self.att_sources, i)
+        handed the q, k, v its sources attended with (reads_from[i]), and its own Attended is appended.
+        reads: other sources for one full pass ({"q": j, ..}: analysis trying a pairing without converting the
+        model; the layer's own projections sit idle). Cache slots and decode reuse follow the model's own specs."""
+        src = reads or self.reads_from[i]
         given = Attended(*(getattr(seen[src[p]], p) if src[p] != i else None for p in "qkv"),
                          probs=seen[src["q"]].probs if src["q"] != i else None)
-        share_probs = any(projection_sources(self.kv_sources, self.att_sources, j)["q"] == i
-                          for j in range(i + 1, len(self.layers)))
         x, attended = self.layers[i](x, rope=rope, mode=mode, mask=mask, given=given, cache=cache,
-                                     slots=self.slots[i], input_pos=input_pos, share_probs=share_probs)
+                                     slot_numbers=self.slot_numbers[i], input_pos=input_pos)
         seen.append(attended)
         return x
 

@@ -19,16 +19,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (config_from_dict, load_checkpoint, model_from_checkpoint, restore_training_state, rng_state,
-                        same_tokens, save_checkpoint)
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
-from conversion import convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage, run_stages, stage_at
 from data.loader import batch_generator, get_batch, load_dataset
-from distill import block_outputs, check_distill_settings, load_teacher, teacher_source, training_loss
+from echo.checkpoint import (config_from_dict, model_from_checkpoint, restore_training_state, resume_checkpoint, rng_state,
+                             same_tokens, save_checkpoint)
+from echo.conversion import (convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage_num, run_stages,
+                             stage_num_at)
+from echo.costs import step_flops
+from echo.distill import check_distill_settings, compared_layers, load_teacher, teacher_source, training_loss
+from echo.measure import device_peak
+from echo.pretrained import IMPORTS, load_pretrained
+from echo.runlog import RunLog
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
-from perf import device_peak, step_flops
-from pretrained import IMPORTS, load_pretrained
-from runlog import RunLog
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"
     eval_interval: int = 250
+    eval_spacing: str = "even"            # 'even': every eval_interval; 'doubling': at eval_interval x 1, 2, 4, ... (a
+                                          # long run's curve on a log axis); both also at iteration 0 and the last
     eval_iters: int = 20
     log_interval: int = 10
     always_save_checkpoint: bool = True   # save at every eval, not only when val loss improves
@@ -107,6 +111,8 @@ def check_settings(cfg):
             raise UsageError(f"{key}={getattr(cfg, key)}: expected 0 <= {key} < 1")
     if not (cfg.peak_flops == -1 or cfg.peak_flops >= 0) or not math.isfinite(cfg.peak_flops):
         raise UsageError(f"peak_flops={cfg.peak_flops}: expected FLOP/s > 0, 0 (no MFU) or -1 (automatic)")
+    if cfg.eval_spacing not in ("even", "doubling"):
+        raise UsageError(f"eval_spacing={cfg.eval_spacing!r}: expected 'even' or 'doubling'")
     if cfg.kv_init not in ("keep", "mean"):
         raise UsageError(f"kv_init={cfg.kv_init!r}: expected 'keep' or 'mean'")
     if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", *IMPORTS))):
@@ -137,6 +143,17 @@ def load_eval_datasets(cfg, meta):
 def model_config(cfg, vocab_size):
     return config_from_dict({f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if f.name != "vocab_size"}
                             | {"vocab_size": vocab_size})
+
+
+def evaluates_at(it, cfg):
+    """Whether the loop evaluates before iteration it: at 0, at the last, and every eval_interval (even) or at
+    eval_interval times a power of two (doubling: 0, K, 2K, 4K, ... iterations)."""
+    if it == 0 or it == cfg.max_iters:
+        return True
+    if cfg.eval_spacing == "even":
+        return it % cfg.eval_interval == 0
+    steps, rest = divmod(it, cfg.eval_interval)
+    return rest == 0 and steps & (steps - 1) == 0
 
 
 def get_lr(it, cfg):
@@ -183,36 +200,6 @@ def setup_ddp(cfg):
     return True, dist.get_rank(), dist.get_world_size()
 
 
-RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "adapt_freeze", "kv_init",  # schedule and
-                "distill_alpha", "distill_hidden", "distill_temperature", "distill_from")  # teacher: kept on resume
-
-
-def resume_checkpoint(cfg, meta):
-    """The checkpoint to resume, checked; the run's schedule settings are restored from it (a different
-    value given explicitly is an error, since it would silently change a half-finished conversion)."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, require=("optimizer", "iter_num", "best_val_loss", "config", "meta"))
-    if not (type(ckpt["iter_num"]) is int and ckpt["iter_num"] >= 0 and isinstance(ckpt["optimizer"], dict)
-            and isinstance(ckpt["config"], dict) and isinstance(ckpt["meta"], dict)
-            and isinstance(ckpt["best_val_loss"], float)):
-        raise UsageError(f"checkpoint {path}: iter_num, optimizer, config, meta or best_val_loss has the wrong type")
-    states = ckpt.get("rng_states") or ([{"cpu": ckpt["rng_state"]}] if "rng_state" in ckpt else None)
-    if not (isinstance(states, list) and all(isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor)
-                                             for s in states)):
-        raise UsageError(f"checkpoint {path} lacks a valid RNG state: it cannot be resumed exactly "
-                         f"(fine-tune from it instead with init_from=ckpt:DIR)")
-    ckpt["rng_states"] = states
-    if not same_tokens(ckpt["meta"], meta):
-        raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
-    for key in RUN_SETTINGS:
-        saved = ckpt["config"].get(key, getattr(TrainConfig, key))
-        if key in cfg.explicit and getattr(cfg, key) != saved:
-            raise UsageError(f"{key}={getattr(cfg, key)!r}, but the run being resumed has {key}={saved!r}: a "
-                             f"resumed run keeps its conversion schedule (start a new out_dir to change it)")
-        setattr(cfg, key, saved)
-    return ckpt
-
-
 def initial_model(cfg, meta):
     """(model, checkpoint to resume or None, the model as loaded before any conversion or None), as init_from
     says; a fine-tuned model is converted one-shot if kv_share / att_share ask for it."""
@@ -222,7 +209,7 @@ def initial_model(cfg, meta):
             vocab = 64 * math.ceil(vocab / 64)
         return LLaMA(model_config(cfg, vocab)), None, None
     if cfg.init_from == "resume":
-        ckpt = resume_checkpoint(cfg, meta)
+        ckpt = resume_checkpoint(cfg, meta, os.path.join(cfg.out_dir, "ckpt.pt"))
         model = model_from_checkpoint(ckpt, os.path.join(cfg.out_dir, "ckpt.pt"))
         return (model.set_dropout(cfg.dropout) if "dropout" in cfg.explicit else model), ckpt, None
     loaded = load_pretrained(cfg.init_from, meta, cfg.dataset).set_dropout(cfg.dropout)  # this run's dropout
@@ -285,14 +272,14 @@ def train(cfg):
     stages = run_stages(model, cfg, ckpt)  # the conversion schedule; without a target, one stage
     iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
     train_seconds = float(ckpt.get("train_seconds", 0.0)) if ckpt else 0.0  # wall time training, evals excluded
-    stage = resumed_stage(ckpt, iter_num, stages, cfg.adapt_iters)
-    raw_model, model, optimizer = build(model, stages[stage], cfg, ddp)
+    stage_num = resumed_stage_num(ckpt, iter_num, stages, cfg.adapt_iters)
+    raw_model, model, optimizer = build(model, stages[stage_num], cfg, ddp)
     if teacher is not None:  # in the run's dtype under its autocast, compiled when the student is
         teacher = torch.compile(teacher.to(cfg.device)) if cfg.compile else teacher.to(cfg.device)
     scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.dtype == "float16")
     if ckpt:
         restore_training_state(ckpt, optimizer, scaler, rank, world, cfg.device,
-                               f"the optimizer state in {cfg.out_dir}/ckpt.pt does not fit the model at stage {stage}")
+                               f"the optimizer state in {cfg.out_dir}/ckpt.pt does not fit the model at stage {stage_num}")
         del ckpt
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     rows = accum * cfg.batch_size  # this rank's rows of each iteration's global batch
@@ -304,13 +291,13 @@ def train(cfg):
 
     def state():
         """Where the run is, for the log and the checkpoint."""
-        return {"tokens": iter_num * tokens_per_iter, "train_seconds": round(train_seconds, 3), "stage": stage,
+        return {"tokens": iter_num * tokens_per_iter, "train_seconds": round(train_seconds, 3), "stage": stage_num,
                 "kv_share": raw_model.config.kv_share, "att_share": raw_model.config.att_share}
 
     peak_flops = peak_label = None  # measured (if need be) at the first log line, outside the timed window
     t0, window = time.time(), 0
     while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+        if evaluates_at(iter_num, cfg):
             rng_states = all_rng_states(ddp, world, cfg.device)
             if master:
                 train_seconds += time.time() - t0
@@ -327,18 +314,18 @@ def train(cfg):
                 t0, window = time.time(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
-        if stage_at(iter_num, stages, cfg.adapt_iters) != stage:  # next stage: convert more layers
-            stage = stage_at(iter_num, stages, cfg.adapt_iters)
-            raw_model, model, optimizer = build(raw_model, stages[stage], cfg, ddp)
+        if stage_num_at(iter_num, stages, cfg.adapt_iters) != stage_num:  # next stage: convert more layers
+            stage_num = stage_num_at(iter_num, stages, cfg.adapt_iters)
+            raw_model, model, optimizer = build(raw_model, stages[stage_num], cfg, ddp)
             if master:
-                log.say(f"stage {stage}: " + ("full fine-tuning" if stage == len(stages) - 1 else
-                                              f"converts {describe_stage(stages[stage], stages[stage - 1])}"))
+                log.say(f"stage {stage_num}: " + ("full fine-tuning" if stage_num == len(stages) - 1 else
+                                              f"converts {describe_stage(stages[stage_num], stages[stage_num - 1])}"))
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x_all, y_all = get_batch(data["train"], world * rows, cfg.block_size, batch_generator(cfg.seed, iter_num),
                                  slice(rank * rows, (rank + 1) * rows))
-        compared = block_outputs(raw_model) if cfg.distill_hidden else ()  # layers distill_hidden compares
+        compared = compared_layers(raw_model) if cfg.distill_hidden else ()  # layers distill_hidden compares
         iter_loss, iter_parts = 0.0, {}  # means over micro-steps, kept on the device until logged
         for micro in range(accum):
             x, y = (t[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)

@@ -115,7 +115,7 @@ def bpe_meta(name):
     if name.startswith("hf:"):
         return hf_meta(name[3:])
     if name.startswith("gguf:"):
-        from pretrained import gguf_meta  # the GGUF reader lives with the model import
+        from echo.pretrained import gguf_meta  # the GGUF reader lives with the model import
         from model import UsageError
         try:
             return gguf_meta(name[5:])

@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 
 from data.common import char_meta, chunked, write_dataset  # noqa: E402
 from model import LLaMA, ModelConfig  # noqa: E402
-from pretrained import GGUF_LAYER_NAMES  # noqa: E402
+from echo.pretrained import GGUF_LAYER_NAMES  # noqa: E402
 from configurator import configure  # noqa: E402
 from train import TrainConfig, train
 
@@ -55,7 +55,7 @@ def read_log(out_dir):
 
 def kv_stages(start, target):
     """The kv_sources of each adaptation stage; the final full fine-tuning must repeat the last one."""
-    from conversion import adaptation_stages
+    from echo.conversion import adaptation_stages
     stages = adaptation_stages({"kv_sources": start, "att_sources": list(range(len(start)))}, target)
     assert stages[-1] == dict(stages[-2], freeze=False) and all(st["att_sources"] == list(range(len(start)))
                                                                for st in stages)

@@ -1,4 +1,5 @@
 """analyze.py runs: the log fields a plot needs, the table, the PNG, and a missing run in one line."""
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_every_log_line_says_where_the_run_is(two_runs):
 
 def test_runs_table_and_plot(two_runs, tmp_path):
     png = tmp_path / "curves.png"
-    r = subprocess.run([sys.executable, "analyze.py", "runs", str(two_runs / "base"), str(two_runs / "conv"),
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", "runs", str(two_runs / "base"), str(two_runs / "conv"),
                         f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
@@ -45,15 +46,15 @@ def test_runs_table_and_plot(two_runs, tmp_path):
     (["runs", "."], ". has no log.jsonl"),
     (["nonsense"], "unknown mode 'nonsense'"),
     (["runs"], "analyze.py runs needs at least one train.py out_dir"),
-    (["layers", "--out_dir=x", "--n_producer=2"], "unknown config key 'n_producer' in --n_producer=2 (did you mean 'n_producers'?)"),
-    (["layers", "--out_dir=x", "--n_producers=two"], "n_producers='two' in --n_producers=two: expected int, got str"),
+    (["layers", "--out_dir=x", "--n_producer=2"], "unknown config key 'n_producer' in --n_producer=2 (did you mean 'n_sources'?)"),
+    (["layers", "--out_dir=x", "--n_sources=two"], "n_sources='two' in --n_sources=two: expected int, got str"),
     (["layers", "--out_dir=x"], "analyze.py layers needs --n_consumers=N[,N...]"),
-    (["layers", "--out_dir=x", "--n_consumers=2", "--n_producers=3"], "one of the two"),
+    (["layers", "--out_dir=x", "--n_consumers=2", "--n_sources=3"], "one of the two"),
     (["frontier"], "analyze.py frontier needs train.py out_dirs"),
     (["runs", ".", "--plots=a.png"], "unknown config key 'plots'"),
 ])
 def test_bad_input_is_one_line(argv, match):
-    r = subprocess.run([sys.executable, "analyze.py", *argv], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", *argv], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -99,12 +100,12 @@ def test_on_a_terminal_training_shows_a_bar(data_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # analyze.py layers
 
-def brute_force(cost, n_producers):
-    """The least summed cost over every valid kv_sources list with exactly n_producers producers."""
+def brute_force(cost, n_sources):
+    """The least summed cost over every valid kv_sources list with exactly n_sources producers."""
     import itertools
     L, best = len(cost), float("inf")
     for sources in itertools.product(*[range(i + 1) for i in range(L)]):
-        if sum(s == i for i, s in enumerate(sources)) != n_producers or any(sources[s] != s for s in sources):
+        if sum(s == i for i, s in enumerate(sources)) != n_sources or any(sources[s] != s for s in sources):
             continue
         best = min(best, sum(cost[s, i] for i, s in enumerate(sources) if s != i))
     return best
@@ -113,7 +114,7 @@ def brute_force(cost, n_producers):
 @pytest.mark.parametrize("L", [1, 2, 5, 7])
 def test_exact_optimiser_equals_brute_force(L):
     import numpy as np
-    from analyze import choose_sources, summed_cost
+    from tools.analyze import choose_sources, summed_cost
     rng = np.random.default_rng(L)
     for trial in range(6):
         cost = np.triu(rng.exponential(size=(L, L)) * rng.integers(0, 3, size=(L, L)), 1)  # ties and zeros too
@@ -126,7 +127,7 @@ def test_exact_optimiser_equals_brute_force(L):
 
 def test_greedy_beyond_the_exact_limit_is_valid():
     import numpy as np
-    from analyze import choose_sources
+    from tools.analyze import choose_sources
     cost = np.triu(np.random.default_rng(0).random((9, 9)), 1)
     sources, exact = choose_sources(cost, 4, exact_up_to=8)
     assert not exact and sum(s == i for i, s in enumerate(sources)) == 4
@@ -141,8 +142,8 @@ def five_layers(data_dir, tmp_path_factory):
 
 def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_layers):
     import torch
-    from analyze import get_batch, share_costs
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from tools.analyze import get_batch, share_costs
+    from echo.checkpoint import load_checkpoint, model_from_checkpoint
     from configurator import configure
     from data.loader import load_dataset
     from train import TrainConfig
@@ -158,11 +159,12 @@ def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_l
 
 @pytest.mark.parametrize("kind", ["kv", "att"])
 def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, kind):
-    """reading() must do what a real conversion does: layer j then uses layer i's K/V or attention as is."""
+    """A pair tried through layer_step's `reads` must do what a real conversion does (layer j then uses layer i's
+    K/V or attention as is), and leave the model as it was: its sources, rule and weights unchanged."""
     import torch
-    from analyze import get_batch, mean_loss, share_costs
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    from conversion import convert_sharing
+    from tools.analyze import get_batch, mean_loss, share_costs
+    from echo.checkpoint import load_checkpoint, model_from_checkpoint
+    from echo.conversion import convert_sharing
     from configurator import configure
     from data.loader import load_dataset
     from train import TrainConfig
@@ -170,7 +172,11 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
     data, _ = load_dataset(configure(TrainConfig(), [f"--data_dir={data_dir}", "--dataset=tiny", "--block_size=32"]))
     g = torch.Generator().manual_seed(0)
     batches = [get_batch(data["val"], 4, 32, g) for _ in range(2)]
+    before = (list(model.kv_sources), list(model.att_sources), [dict(r) for r in model.reads_from],
+              {k: v.clone() for k, v in model.state_dict().items()})
     cost, base = share_costs(model, batches, kind)
+    assert (model.kv_sources, model.att_sources, model.reads_from) == before[:3]
+    assert all(torch.equal(v, before[3][k]) for k, v in model.state_dict().items())
     for i, j in [(0, 1), (1, 4), (2, 3)]:
         sources = list(range(5))
         sources[j] = i
@@ -180,11 +186,11 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
 
 
 def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_dir, tmp_path):
-    from checkpoint import load_checkpoint
+    from echo.checkpoint import load_checkpoint
     from model import resolve_sources
     png = tmp_path / "layers.png"
-    r = subprocess.run([sys.executable, "analyze.py", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
-                        "--n_producers=3", "--batches=3", "--batch_size=4", f"--plot={png}"],
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
+                        "--n_sources=3", "--batches=3", "--batch_size=4", f"--plot={png}"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     kv_line, att_line = r.stdout.strip().splitlines()[-2:]
@@ -202,15 +208,15 @@ def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_d
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--n_producers=0"], "--n_producers=0: expected 1 to n_layer=5"),
-    (["--n_producers=6"], "--n_producers=6: expected 1 to n_layer=5"),
-    (["--n_producers=2", "--dataset=absent"], "dataset 'absent' is not prepared"),
+    (["--n_sources=0"], "--n_sources=0: expected 1 to n_layer=5"),
+    (["--n_sources=6"], "--n_sources=6: expected 1 to n_layer=5"),
+    (["--n_sources=2", "--dataset=absent"], "dataset 'absent' is not prepared"),
 ])
 def test_layers_bad_input_is_one_line(five_layers, data_dir, extra, match):
-    r = subprocess.run([sys.executable, "analyze.py", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
                         *extra], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "analyze.py", "layers", "--out_dir=/no/ckpt", "--n_producers=2"],
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", "layers", "--out_dir=/no/ckpt", "--n_sources=2"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "no checkpoint at /no/ckpt/ckpt.pt" in r.stderr
 
@@ -223,12 +229,16 @@ def test_frontier_reads_gaps_savings_and_accuracy_from_the_runs(two_runs, data_d
     run(data_dir, tmp_path / "orig", eval_only=True, **base)
     run(data_dir, tmp_path / "kv1", kv_share="echo:1", **base)
     run(data_dir, tmp_path / "att2", att_share="echo:2", **base)
+    run(data_dir, tmp_path / "kv2staged", **dict(base, kv_share_target="echo:2", adapt_iters=1))
     (tmp_path / "kv1" / "local_mc.json").write_text(json.dumps({"results": {"local_mc": {"acc,none": 0.625}}}))
     png = tmp_path / "frontier.png"
-    r = subprocess.run([sys.executable, "analyze.py", "frontier", str(tmp_path / "orig"), str(tmp_path / "kv1"),
-                        str(tmp_path / "att2"), "--within=100", f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", "frontier", str(tmp_path / "orig"), str(tmp_path / "kv1"),
+                        str(tmp_path / "att2"), str(tmp_path / "kv2staged"), "--within=100", f"--plot={png}"],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("kv1", "att2"))}
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("kv1", "att2", "kv2"))}
+    # a layer-wise run's first eval is its stage 0 (one layer converted): no one-shot figure, not a wrong one
+    assert rows["kv2staged"][1:5] == ["K/V", "2", "4", "-"]
     orig = read_log(tmp_path / "orig")[0]
     for name, kind, n in (("kv1", "K/V", 1), ("att2", "attention", 2)):
         evals = [x for x in read_log(tmp_path / name) if "val_loss" in x]
@@ -237,8 +247,42 @@ def test_frontier_reads_gaps_savings_and_accuracy_from_the_runs(two_runs, data_d
         saved = 1 - evals[-1]["kv_bytes_per_token"] / orig["kv_bytes_per_token"]
         assert rows[name][6] == f"{saved:.1%}" and int(rows[name][7].replace(",", "")) == orig["params"] - evals[-1]["params"]
     assert rows["kv1"][-1] == "0.625" and rows["att2"][-1] == "-"  # local_mc after training, where eval.py wrote it
-    assert "K/V: the most consumers within 100.0 nats after training: 1" in r.stdout
+    assert "K/V: the most consumers within 100.0 nats after training: 2" in r.stdout  # kv2staged counts after training
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    no_original = subprocess.run([sys.executable, "analyze.py", "frontier", str(tmp_path / "kv1")],
+    no_original = subprocess.run([sys.executable, "-m", "tools.analyze", "frontier", str(tmp_path / "kv1")],
                                  capture_output=True, text=True, cwd=ROOT)
     assert no_original.returncode == 1 and "needs the original" in no_original.stderr
+
+
+def test_recovery_trend_recovers_a_log_linear_curve_and_its_tokens():
+    from tools.analyze import recovery_trend, tokens_for
+    points = [(0, 0.9)] + [(t, 0.5 - 0.05 * math.log10(t)) for t in (5e3, 1e4, 2e4, 4e4, 8e4, 1.6e5)]
+    a, b = recovery_trend(points, fit_from=10000)  # the one-shot point and 5k are not fitted
+    assert abs(a - 0.5) < 1e-9 and abs(b + 0.05) < 1e-9
+    assert abs(tokens_for((a, b), 0.2) - 1e6) < 1e-3 and tokens_for((0.3, 0.01), 0.1) is None
+    assert recovery_trend(points, fit_from=1e5) is None  # one point is no trend
+
+
+def test_curve_tabulates_fits_and_plots_a_doubling_run(two_runs, data_dir, tmp_path):
+    """A run evaluated at doubling iterations beside the original: the gap at each eval, the trend over the points
+    from fit_from on, the tokens it predicts, the PNG; a run without its original is one line."""
+    from tools.analyze import recovery_trend
+    base = dict(init_from=f"ckpt:{two_runs / 'base'}", eval_datasets="tiny", eval_interval=1)
+    run(data_dir, tmp_path / "orig", eval_only=True, **base)
+    run(data_dir, tmp_path / "kv1", kv_share="echo:1", max_iters=6, eval_spacing="doubling", **base)
+    evals = [x for x in read_log(tmp_path / "kv1") if "val_loss" in x]
+    assert [e["iter"] for e in evals] == [0, 1, 2, 4, 6]  # 0, then eval_interval x 1, 2, 4, and the last
+    png = tmp_path / "curve.png"
+    r = subprocess.run([sys.executable, "-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"),
+                        "--fit_from=1", "--targets=-5", f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    orig = read_log(tmp_path / "orig")[0]["eval_losses"]["tiny"]
+    gaps = [(e["tokens"], e["eval_losses"]["tiny"] - orig) for e in evals]
+    for tokens, gap in gaps:
+        assert f"{tokens:>10,}" in r.stdout and f"{gap:+8.3f}" in r.stdout
+    a, b = recovery_trend(gaps, 1)
+    assert f"gap = {a:.3f} {b:+.4f} x log10(tokens)" in r.stdout and "gap -5.00: " in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    alone = subprocess.run([sys.executable, "-m", "tools.analyze", "curve", str(tmp_path / "kv1")],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert alone.returncode == 1 and "curve needs two train.py out_dirs" in alone.stderr

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from echo.checkpoint import load_checkpoint
 from conftest import ROOT, run, tiny_args
-from generate import sample_logits, sampling_probs
+from echo.generate import sample_logits, sampling_probs
 from train import TrainConfig, get_lr
 
 

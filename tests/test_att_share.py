@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import read_log, run
-from checkpoint import load_checkpoint
-from conversion import convert_sharing
+from echo.checkpoint import load_checkpoint
+from echo.conversion import convert_sharing
 from model import LLaMA, ModelConfig, UsageError, apply_rope, resolve_sharing
-from perf import kv_cache_bytes, matmul_params
+from echo.costs import kv_cache_bytes, matmul_params
 
 MIXED = [  # (kv_share, att_share) on 5 layers: attention sharing alone, and mixed with K/V sharing
     ("none", "0,0,2,2,2"),
@@ -156,12 +156,12 @@ def test_one_shot_conversion_with_distillation_and_hidden_states(data_dir, pretr
 
 
 def test_hidden_term_compares_the_residual_stream_after_each_shared_block():
-    from distill import block_outputs, hidden_loss
+    from echo.distill import compared_layers, hidden_loss
     student = convert_sharing(model_of("none", "none", n_layer=6), att_share="0,0,2,2,2,5")
-    assert block_outputs(student) == (1, 4)
-    assert block_outputs(model_of("echo:2", "none", n_layer=6)) == (5,)
-    assert block_outputs(model_of("0,1,1,3,4,5", "0,1,2,3,3,3", n_layer=6)) == (2, 5)
-    assert block_outputs(model_of("none", "none")) == ()
+    assert compared_layers(student) == (1, 4)
+    assert compared_layers(model_of("echo:2", "none", n_layer=6)) == (5,)
+    assert compared_layers(model_of("0,1,1,3,4,5", "0,1,2,3,3,3", n_layer=6)) == (2, 5)
+    assert compared_layers(model_of("none", "none")) == ()
     idx = torch.randint(0, 71, (2, 9))
     teacher_model = model_of("none", "none", n_layer=6)
     _, _, hs = student(idx, hidden_at=(1, 4))
@@ -193,7 +193,7 @@ def test_layer_wise_conversion_resumes_mid_schedule_exactly(data_dir, pretrained
 
 
 def test_frozen_stages_train_the_converted_layers_and_what_they_read():
-    from conversion import adaptation_stages, enter_stage
+    from echo.conversion import adaptation_stages, enter_stage
     model = model_of("none", "none", n_layer=4)
     stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources},
                                att_target="0,1,1,1", freeze=True)
@@ -205,7 +205,7 @@ def test_frozen_stages_train_the_converted_layers_and_what_they_read():
 
 
 def test_legacy_checkpoint_stages_still_resume():
-    from conversion import legacy_stages
+    from echo.conversion import legacy_stages
     old = [[0, 1, 2, 2], [0, 1, 1, 1]]  # what a checkpoint stored before attention sharing
     stages = legacy_stages(old, 4, freeze=True)
     assert [st["kv_sources"] for st in stages] == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 1, 1]]
@@ -215,7 +215,7 @@ def test_legacy_checkpoint_stages_still_resume():
 
 
 def test_without_a_target_there_is_one_stage_whatever_the_model_shares():
-    from conversion import adaptation_stages
+    from echo.conversion import adaptation_stages
     start = {"kv_sources": [0, 1, 1, 3], "att_sources": [0, 1, 2, 0]}
     assert adaptation_stages(start) == [dict(start, freeze=False)]
 

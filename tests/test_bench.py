@@ -8,7 +8,7 @@ import pytest
 from bench import variant_sharing
 from conftest import ROOT
 from model import ModelConfig
-from perf import decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
+from echo.costs import decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
 
 
 def test_quick_bench_json(tmp_path):

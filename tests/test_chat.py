@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from chat import Chat, load_template
+from echo.chat import Chat, load_template
 from conftest import CHATML, ROOT, bpe_tokenizer, tiny_gguf
 from data.common import tokenizer_from_meta
-from generate import generate_tokens, until_stop
+from echo.generate import generate_tokens, until_stop
 from model import LLaMA, ModelConfig, UsageError
-from pretrained import gguf_meta, import_pretrained
+from echo.pretrained import gguf_meta, import_pretrained
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -70,7 +70,7 @@ def test_a_turn_prefills_only_its_own_tokens_and_equals_a_fresh_prefill(gguf_cha
     chat = Chat(model, meta, system="Be brief.")
     replies = [chat.reply(turn, 9, temperature=0) for turn in ("Give me the", "Speak of")]
     ids, start, _ = chat.prompt("Where is the", 9)
-    assert 0 < start and ids[:start] == chat.cached[:start] and start >= len(chat.cached) - 9  # only its own turn
+    assert 0 < start and ids[:start] == chat.in_cache[:start] and start >= len(chat.in_cache) - 9  # only its own turn
     with torch.no_grad():
         kept = model(torch.tensor([ids[start:]]), input_pos=torch.arange(start, len(ids)), all_logits=True)[0]
         fresh = model(torch.tensor([ids]), all_logits=True)[0]
@@ -79,7 +79,7 @@ def test_a_turn_prefills_only_its_own_tokens_and_equals_a_fresh_prefill(gguf_cha
     again = Chat(model, meta, system="Be brief.")
     rebuilt = []
     for turn in ("Give me the", "Speak of"):
-        again.cached, model.kv_cache = [], None
+        again.in_cache, model.kv_cache = [], None
         rebuilt.append(again.reply(turn, 9, temperature=0))
     assert rebuilt == replies and again.messages == chat.messages[:-1]
 
@@ -198,7 +198,7 @@ def test_smollm2_greedy_reply_equals_transformers_generate(smollm2, smollm2_mode
 @real
 @pytest.mark.parametrize("sharing", [{}, {"att_share": "echo:7"}, {"kv_share": "echo:7"}], ids=["plain", "att", "kv"])
 def test_smollm2_multi_turn_cache_equals_recompute(smollm2, smollm2_model, sharing):
-    from conversion import convert_sharing
+    from echo.conversion import convert_sharing
     path = smollm2[0]
     model, meta = convert_sharing(smollm2_model, **sharing).eval(), gguf_meta(path)
     chat = Chat(model, meta)
@@ -241,7 +241,7 @@ def test_a_hugging_face_folder_gives_its_end_tokens_and_template(tmp_path, token
 def test_every_row_ended_is_asked_every_check_every_tokens(monkeypatch):
     """The GPU's interval, run on the CPU: once every row has ended, generation runs on to the next ask (the
     16th token), not one token further; asked every token, it ends at the end token itself."""
-    import generate
+    import echo.generate as generate
     torch.manual_seed(1)
     model = LLaMA(ModelConfig(vocab_size=37, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=36)).eval()
     idx = torch.randint(0, 37, (1, 5))

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
-from pretrained import from_pretrained
+from echo.checkpoint import load_checkpoint
+from echo.pretrained import from_pretrained
 from conftest import ROOT, TEXT, kv_stages, read_log, run
-from conversion import convert_sharing
+from echo.conversion import convert_sharing
 from model import LLaMA, UsageError
 from sample import SampleConfig, sample
 
@@ -207,7 +207,7 @@ def test_imported_model_rejects_data_in_other_tokens(data_dir, hf_dir, tmp_path)
 def test_the_schedules_worked_example_and_its_stage_lines():
     """conversion.py's docstring example: echo:7 on 30 layers converts 1, 2, 4, then all 7 readers from the top,
     and train.py says per stage which layers convert and what they read, not two 30-entry lists."""
-    from conversion import adaptation_stages, describe_stage
+    from echo.conversion import adaptation_stages, describe_stage
     plain = {"kv_sources": list(range(30)), "att_sources": list(range(30))}
     stages = adaptation_stages(plain, "echo:7")
     readers = [sum(s != i for i, s in enumerate(st["kv_sources"])) for st in stages]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from generate import cache_len, compile_decode_step, generate, generate_tokens, inference_layout
+from echo.generate import cache_len, compile_decode_step, generate, generate_tokens, inference_layout
 from model import LLaMA, ModelConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

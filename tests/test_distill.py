@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 
-from checkpoint import config_from_dict, load_checkpoint
+from echo.checkpoint import config_from_dict, load_checkpoint
 from configurator import configure
 from conftest import read_log, run
 from model import LLaMA, UsageError
 from data.loader import load_dataset
-from distill import distill_loss, load_teacher, teacher_source
+from echo.distill import distill_loss, load_teacher, teacher_source
 from train import TrainConfig, initial_model
 
 

@@ -8,24 +8,25 @@ from dataclasses import fields
 
 import pytest
 
-from analyze import FrontierConfig, LayersConfig, RunsConfig
+from tools.analyze import CurveConfig, FrontierConfig, LayersConfig, RunsConfig
 from bench import BenchConfig
 from configurator import configure
 from conftest import ROOT
-from eval import EvalConfig
+from tools.eval import EvalConfig
 from sample import SampleConfig
 from train import TrainConfig
 
 SETTINGS = {"train.py": {f.name for f in fields(TrainConfig)}, "sample.py": {f.name for f in fields(SampleConfig)},
-            "bench.py": {f.name for f in fields(BenchConfig)}, "eval.py": {f.name for f in fields(EvalConfig)},
-            "analyze.py": {f.name for c in (RunsConfig, LayersConfig, FrontierConfig) for f in fields(c)},
+            "bench.py": {f.name for f in fields(BenchConfig)}, "tools.eval": {f.name for f in fields(EvalConfig)},
+            "tools.analyze": {f.name for c in (RunsConfig, LayersConfig, FrontierConfig, CurveConfig) for f in fields(c)},
             "data/shakespeare_char/prepare.py": {"input", "out_dir"},
             "data/shakespeare/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/tinystories/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/wikitext2/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/teacher_text/prepare.py": {"teacher", "tokens", "out_dir", "batch_size", "max_new_tokens", "top_p",
                                              "seed", "ship"}}
-SOURCES = ["README.md", "RESULTS.md"] + [s for s in SETTINGS if s.endswith(".py")]
+SCRIPT_FILES = {s: s if s.endswith(".py") else s.replace(".", "/") + ".py" for s in SETTINGS}  # tools.x: tools/x.py
+SOURCES = ["README.md", "docs/RESULTS.md", "docs/GUIDE.md"] + list(SCRIPT_FILES.values())
 
 
 def documented_commands():
@@ -51,6 +52,13 @@ def documented_commands():
 
 
 COMMANDS = documented_commands()
+
+
+def test_moved_scripts_are_run_as_modules():
+    """tools/ scripts import the library from the root, so they run as `python -m tools.NAME` from it."""
+    for source in SOURCES:
+        text = open(os.path.join(ROOT, source)).read()
+        assert not re.search(r"python3? (tools/)?(analyze|eval|peer|plotting)\.py", text), source
 
 
 def test_the_docs_show_commands_for_every_script():

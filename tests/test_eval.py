@@ -14,8 +14,8 @@ from conftest import ROOT, bpe_tokenizer, write_gguf
 from model import LLaMA, ModelConfig
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install lm-eval")
-from eval import HarnessModel  # noqa: E402
-from pretrained import gguf_meta, import_pretrained  # noqa: E402
+from tools.eval import HarnessModel  # noqa: E402
+from echo.pretrained import gguf_meta, import_pretrained  # noqa: E402
 
 OFFLINE = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 
@@ -89,7 +89,7 @@ def test_generate_until_stops_at_a_stop_string(tiny):
 
 
 def run_eval(*args):
-    return subprocess.run([sys.executable, "eval.py", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tools.eval", *args], capture_output=True, text=True, cwd=ROOT,
                           env=OFFLINE, timeout=900)
 
 
@@ -105,8 +105,8 @@ def test_bad_input_is_one_line(args, match):
 
 
 def test_a_missing_harness_is_one_line():
-    code = ("import runpy, sys; sys.modules['lm_eval'] = None; sys.argv = ['eval.py', '--tasks=local_mc']; "
-            "runpy.run_path('eval.py', run_name='__main__')")
+    code = ("import runpy, sys; sys.modules['lm_eval'] = None; sys.argv = ['tools/eval.py', '--tasks=local_mc']; "
+            "runpy.run_module('tools.eval', run_name='__main__', alter_sys=True)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip() == "error: eval.py runs lm-evaluation-harness: pip install lm-eval"
 

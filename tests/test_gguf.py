@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pretrained import from_pretrained, gguf_meta, import_pretrained, load_gguf_llama
+from echo.pretrained import from_pretrained, gguf_meta, import_pretrained, load_gguf_llama
 from conftest import TEXT, bpe_tokenizer, write_gguf
 from data.common import tokenizer_from_meta
-from generate import generate
+from echo.generate import generate
 from model import LLaMA, ModelConfig, UsageError
 
 gguf = pytest.importorskip("gguf")
@@ -108,7 +108,7 @@ def test_without_undoing_the_rope_permutation_every_logit_is_wrong(tmp_path, mon
     """The permutation is what makes the import right: shapes fit without it, the logits do not."""
     source = random_model(tied=True)
     write_gguf(tmp_path / "m.gguf", source)
-    import pretrained
+    import echo.pretrained as pretrained
     monkeypatch.setattr(pretrained, "unpermute_rope_rows", lambda w, n_heads: w)
     wrong = load_gguf_llama(str(tmp_path / "m.gguf")).eval()
     idx = torch.randint(0, SMALL.vocab_size, (1, 20))
@@ -238,6 +238,6 @@ def test_smollm2_cached_greedy_equals_recomputing(smollm2_model):
 
 
 def import_pretrained_converted(model):
-    from conversion import convert_sharing
+    from echo.conversion import convert_sharing
     return convert_sharing(model, kv_share="echo:3", att_share="0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,"
                                                                "20,21,22,23,23,25,26,27,28,29").eval()

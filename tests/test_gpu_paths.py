@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from bench import variant_sharing
-from checkpoint import load_checkpoint
+from echo.checkpoint import load_checkpoint
 from conftest import read_log, run
-from generate import compile_decode_step, generate, generate_tokens
+from echo.generate import compile_decode_step, generate, generate_tokens
 from model import LLaMA, ModelConfig
-import perf
-from perf import datasheet_peak, device_peak
+import echo.measure as measure
+from echo.measure import datasheet_peak, device_peak
 from test_model import naive_greedy
 
 
@@ -156,10 +156,10 @@ def test_compiled_decode_step_is_warmed_up_before_use(monkeypatch):
     ("NVIDIA GeForce RTX 4090", None, None)])
 def test_datasheet_peaks_match_the_right_device(monkeypatch, name, flops, hbm):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(perf, "measured_matmul_flops", lambda device, dtype: 123e12)
-    monkeypatch.setattr(perf, "measured_read_bytes", lambda device: 1.5e12)
-    assert datasheet_peak(perf.PEAK_FLOPS, "cuda")[0] == flops
-    assert datasheet_peak(perf.PEAK_BYTES, "cuda")[0] == hbm
+    monkeypatch.setattr(measure, "measured_matmul_flops", lambda device, dtype: 123e12)
+    monkeypatch.setattr(measure, "measured_read_bytes", lambda device: 1.5e12)
+    assert datasheet_peak(measure.PEAK_FLOPS, "cuda")[0] == flops
+    assert datasheet_peak(measure.PEAK_BYTES, "cuda")[0] == hbm
     value, label = device_peak("flops", "cuda", torch.bfloat16)
     assert value == (flops or 123e12) and ("datasheet bfloat16 peak" in label) == (flops is not None)
     # fp32 has no tensor-core datasheet entry: measured, whatever the GPU
@@ -170,7 +170,7 @@ def test_datasheet_peaks_match_the_right_device(monkeypatch, name, flops, hbm):
 
 
 def test_rng_state_covers_cuda_when_training_on_it(monkeypatch):
-    from checkpoint import rng_state, set_rng_state
+    from echo.checkpoint import rng_state, set_rng_state
     cuda_state, restored = torch.arange(4, dtype=torch.uint8), []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append((state, device)))

@@ -1,20 +1,39 @@
-"""How the code is laid out, checked: the scripts (train, sample, bench, analyze) import the library and never
-each other, and no two library modules import each other, directly or around a circle, counting imports made
+"""How the code is laid out, checked: the root holds the design's four scripts and configurator.py, beside named
+folders; the scripts (train, sample, bench, tools/analyze, tools/eval) import the library (echo/) and never
+each other, the library imports no script and no tool, and no two library modules import each other, directly or around a circle, counting imports made
 inside functions too (a lazy import is still a dependency)."""
 import ast
 import os
+import subprocess
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "sample", "bench", "analyze"}
+SCRIPTS = {"train", "sample", "bench", "tools.analyze", "tools.eval"}  # the entry points: nothing imports them
+ROOT_FILES = {"model.py", "train.py", "sample.py", "bench.py", "configurator.py"}  # what a student sees first
+FOLDERS = {"data", "config", "tests", "echo", "tools", "docs"}
 
 
 def local_modules():
-    """{module name: path} for the top-level modules and data/*.py."""
+    """{module name: path} for the root modules, the library echo/, tools/ and data/*.py."""
     found = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
-    found |= {f"data.{f[:-3]}": os.path.join(ROOT, "data", f) for f in os.listdir(os.path.join(ROOT, "data"))
-              if f.endswith(".py")}
+    for package in ("echo", "tools", "data"):
+        found |= {f"{package}.{f[:-3]}": os.path.join(ROOT, package, f)
+                  for f in os.listdir(os.path.join(ROOT, package)) if f.endswith(".py") and f != "__init__.py"}
     return found
+
+
+def test_the_root_is_the_design_four_and_named_folders():
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    top = {path.split("/")[0] for path in listed if not path.startswith(".")}
+    assert {f for f in top if f.endswith(".py")} == ROOT_FILES
+    assert {f for f in top if "/" in next(p for p in listed if p.startswith(f))} == FOLDERS
+
+
+def test_the_library_never_imports_a_script_or_a_tool():
+    modules = local_modules()
+    for name, path in modules.items():
+        if name.startswith("echo.") or name in ("model", "configurator"):
+            assert not {m for m in imports_of(path, modules) if m.startswith("tools.") or m in SCRIPTS}, name
 
 
 def imports_of(path, modules):
@@ -29,8 +48,8 @@ def imports_of(path, modules):
 
 def test_no_module_imports_a_script():
     modules = local_modules()
-    assert SCRIPTS <= set(modules) and {"model", "checkpoint", "pretrained", "perf", "conversion", "distill",
-                                        "data.loader"} <= set(modules)
+    assert SCRIPTS <= set(modules) and {"model", "echo.checkpoint", "echo.pretrained", "echo.costs", "echo.measure",
+                                        "echo.conversion", "echo.distill", "data.loader"} <= set(modules)
     for name, path in modules.items():
         assert not imports_of(path, modules) & SCRIPTS, f"{name} imports the script(s) {imports_of(path, modules) & SCRIPTS}"
 
@@ -60,12 +79,14 @@ def defined_names(path):
 
 # one job per file: each idea defined in the module that holds that job, and nowhere else
 JOBS = {
-    "perf": {"projection_counts", "kv_cache_bytes", "matmul_params", "training_flops_per_token",
-             "decode_bytes_per_step", "step_flops", "device_peak"},                        # what it costs
-    "conversion": {"convert_sharing", "adaptation_stages", "enter_stage"},  # the surgery
-    "pretrained": {"load_hf_llama", "load_gguf_llama", "gguf_meta", "hf_config", "gguf_config", "import_pretrained",
+    "echo.costs": {"projection_counts", "kv_cache_bytes", "matmul_params", "training_flops_per_token",
+                   "decode_bytes_per_step", "step_flops"},                                 # what it costs
+    "echo.measure": {"device_peak", "measured_matmul_flops", "measured_read_bytes", "Timer"},  # what the device can do
+    "echo.conversion": {"convert_sharing", "adaptation_stages", "enter_stage"},  # the surgery
+    "echo.pretrained": {"load_hf_llama", "load_gguf_llama", "gguf_meta", "hf_config", "gguf_config", "import_pretrained",
                    "from_pretrained", "load_pretrained", "HF_NAMES", "GGUF_NAMES", "IMPORTS"},  # weights from elsewhere
-    "checkpoint": {"save_checkpoint", "load_checkpoint", "restore_training_state", "rng_state"},  # our checkpoints
+    "echo.checkpoint": {"save_checkpoint", "load_checkpoint", "restore_training_state", "rng_state",
+                        "resume_checkpoint"},                                               # our checkpoints
 }
 
 
@@ -73,7 +94,7 @@ def test_each_job_lives_in_its_own_module():
     modules = local_modules()
     defined = {name: defined_names(path) for name, path in modules.items()}
     for home, names in JOBS.items():
-        assert names <= defined[home], f"{home}.py lacks {names - defined[home]}"
+        assert names <= defined[home], f"{home} lacks {names - defined[home]}"
         for other, there in defined.items():
             assert other == home or not names & there, f"{other}.py defines {names & there}, which is {home}.py's job"
     # the model file is config, sharing specs, pieces, cache and LLaMA: no costs, no surgery, no file formats
@@ -84,12 +105,13 @@ def test_each_job_lives_in_its_own_module():
 def test_the_sharing_rule_is_written_only_in_model_py():
     """Which layer's q, k, v a layer attends with is model.projection_sources: the modules that count, convert or
     analyse import it from there, none composes the two source lists itself (kv_sources[att_sources[i]]), and
-    perf.py imports no conversion code."""
+    costs.py imports no conversion code."""
     modules = local_modules()
-    for name in ("perf", "conversion"):
+    for name in ("echo.costs", "echo.conversion", "tools.analyze"):
         assert "model" in imports_of(modules[name], modules)
-        assert "projection_sources" in open(modules[name]).read()
-    assert "conversion" not in imports_of(modules["perf"], modules)
+        text = open(modules[name]).read()
+        assert "projection_sources" in text or "reads_from" in text  # the rule, or the model's own list of it
+    assert "echo.conversion" not in imports_of(modules["echo.costs"], modules)
     for name, path in modules.items():
         text = open(path).read().replace(" ", "")
         composed = "kv_sources[att_sources[" in text or "kv[att[" in text
@@ -100,4 +122,4 @@ def test_data_reads_no_checkpoint_code():
     modules = local_modules()
     for name, path in modules.items():
         if name.startswith("data."):
-            assert "checkpoint" not in imports_of(path, modules), f"{name} imports checkpoint"
+            assert "echo.checkpoint" not in imports_of(path, modules), f"{name} imports checkpoint"

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from checkpoint import config_from_dict
-from generate import generate
+from echo.checkpoint import config_from_dict
+from echo.generate import generate
 from model import LLaMA, ModelConfig, UsageError, resolve_sources
-from perf import kv_cache_bytes, training_flops_per_token
+from echo.costs import kv_cache_bytes, training_flops_per_token
 
 SPECS = ["none", "echo:3", "cla:2", "0,0,2,2,2,5"]
 
@@ -170,7 +170,7 @@ def test_decoding_before_setup_cache_is_one_clear_error():
 
 
 def test_the_documented_spec_examples_are_exact():
-    """Every example of the spec grammar that the docs show (resolve_sources' docstring, the README's table,
+    """Every example of the spec grammar that the docs show (resolve_sources' docstring, the guide's table,
     6 layers) resolves to exactly the sources they print, a partial top group of cla:G included."""
     import re
     from conftest import ROOT
@@ -179,7 +179,7 @@ def test_the_documented_spec_examples_are_exact():
     for spec, sources in expected.items():
         assert resolve_sources(spec, 6) == sources, spec
     doc = dict(re.findall(r"(\S+)\s+-> (\[[\d, ]+\])", resolve_sources.__doc__))
-    readme = dict(re.findall(r"^\| `([^`]+)` \| `(\[[\d, ]+\])` \|", open(os.path.join(ROOT, "README.md")).read(), re.M))
+    readme = dict(re.findall(r"^\| `([^`]+)` \| `(\[[\d, ]+\])` \|", open(os.path.join(ROOT, "docs", "GUIDE.md")).read(), re.M))
     assert set(doc) == {"none", "echo:2", "cla:2", "cla:4", "0,0,2,2,2,5"} and "cla:4" in readme and len(readme) >= 5
     for spec, shown in {**doc, **readme}.items():
         assert resolve_sources(spec, 6) == expected[spec] == eval(shown), spec

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from generate import inference_layout
+from echo.generate import inference_layout
 from model import LLaMA, ModelConfig
-from peer import interleave_rope_rows, load_peer, peer_check
-from perf import decode_kernels
+from tools.peer import interleave_rope_rows, load_peer, peer_check
+from echo.measure import decode_kernels
 
 STAND_IN = '''
 import torch, torch.nn as nn, torch.nn.functional as F

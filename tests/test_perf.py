@@ -8,9 +8,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import variant_sharing
-from generate import cache_len, compile_decode_step, generate_tokens
+from echo.generate import cache_len, compile_decode_step, generate_tokens
 from model import LLaMA, ModelConfig
-from perf import decode_bytes_per_step, matmul_params, training_flops_per_token
+from echo.costs import decode_bytes_per_step, matmul_params, training_flops_per_token
 
 SHAPES = [  # (n_head, n_kv_head, tied): MHA, GQA, MQA, tied and untied
     (6, 6, True), (6, 2, False), (6, 3, True), (6, 1, False)]
@@ -101,7 +101,7 @@ def test_repeated_generation_never_recompiles(monkeypatch):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_inference_layout_changes_strides_only(tied):
-    from generate import inference_layout
+    from echo.generate import inference_layout
     model = build("echo:2", 6, 2, tied).eval()
     idx = torch.randint(0, 83, (2, 9))
     before = model(idx, all_logits=True)[0]

@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from conversion import adaptation_stages, convert_sharing
+from echo.conversion import adaptation_stages, convert_sharing
 from model import LLaMA, ModelConfig, resolve_sharing
-from perf import kv_cache_bytes, matmul_params, training_flops_per_token
+from echo.costs import kv_cache_bytes, matmul_params, training_flops_per_token
 
 PROFILE = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from echo.checkpoint import load_checkpoint, save_checkpoint
 from conftest import kv_stages, read_log, run
 from data.common import tokenizer_from_meta
 from model import LLaMA, ModelConfig, UsageError, resolve_sources

@@ -12,10 +12,10 @@ from hypothesis import given, settings, strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conversion import convert_sharing
-from generate import inference_layout
+from echo.conversion import convert_sharing
+from echo.generate import inference_layout
 from model import LLaMA, ModelConfig, projection_sources
-from perf import kv_cache_bytes, matmul_params, projection_counts, training_flops_per_token
+from echo.costs import kv_cache_bytes, matmul_params, projection_counts, training_flops_per_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,8 @@ def test_weights_slots_tensors_and_counts_follow_the_rule(pair, heads, tied):
         for p in "qkv":  # a layer has a projection exactly when it is its own source for it; a source has it
             assert hasattr(model.layers[i].attention, f"w{p}") == (src[p] == i)
             assert hasattr(model.layers[src[p]].attention, f"w{p}")
-        assert (model.slots[i][0] is not None, model.slots[i][1] is not None) == (src["k"] == i, src["v"] == i)
+        assert (model.slot_numbers[i][0] is not None, model.slot_numbers[i][1] is not None) == (src["k"] == i, src["v"] == i)
+        assert model.reads_from[i] == src and model.layers[i].attention.computes == [p for p in "qkv" if src[p] == i]
     counts = projection_counts(cfg)
     assert counts == {p: sum(src[p] == i for i, src in enumerate(rule)) for p in "qkv"}
     assert matmul_params(cfg) == sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -89,7 +90,7 @@ def test_weights_slots_tensors_and_counts_follow_the_rule(pair, heads, tied):
     plain = LLaMA(ModelConfig(**{**cfg.__dict__, "kv_share": "none", "att_share": "none"}))
     converted = convert_sharing(plain, kv_share, att_share)
     assert converted.state_dict().keys() == model.state_dict().keys()
-    # decoding's layout (q|k|v rows as one matrix a layer, w1|w3 another) keeps the state dict and every logit
+    # the inference layout (q|k|v rows as one matrix a layer, w1|w3 another) keeps the state dict and every logit
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -118,9 +119,9 @@ CHECK = textwrap.dedent("""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from conversion import convert_sharing
+    from echo.conversion import convert_sharing
     from model import LLaMA, ModelConfig
-    from perf import kv_cache_bytes, matmul_params, training_flops_per_token
+    from echo.costs import kv_cache_bytes, matmul_params, training_flops_per_token
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=37, block_size=16, n_layer=5, n_head=6, n_kv_head=2, n_embd=24,
                       intermediate_size=40, tie_embeddings=False, att_share="0,1,1,3,1")
@@ -156,6 +157,7 @@ def test_a_rule_changed_in_model_py_alone_changes_everything(tmp_path):
         if name.endswith(".py"):
             shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data", ignore=shutil.ignore_patterns("*.bin", "*.gz"))
+    shutil.copytree(os.path.join(ROOT, "echo"), tmp_path / "echo", ignore=shutil.ignore_patterns("__pycache__"))
     before = run_check(tmp_path)
     source = (tmp_path / "model.py").read_text()
     assert source.count(CHANGED_RULE[0]) == 1, "projection_sources changed: update CHANGED_RULE to match it"

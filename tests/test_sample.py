@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from echo.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, run
 from data.common import tokenizer_from_meta
-from generate import sample_logits
+from echo.generate import sample_logits
 from model import UsageError
-from perf import kv_cache_bytes
+from echo.costs import kv_cache_bytes
 from sample import SampleConfig, sample
 from test_model import naive_greedy
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, TEXT, bpe_tokenizer, read_log, run, tiny_args, tiny_gguf
 from data.common import char_meta, chunked, text_encoder, write_dataset
-from pretrained import gguf_meta, import_pretrained
+from echo.pretrained import gguf_meta, import_pretrained
 
 SCRIPT = os.path.join(ROOT, "data", "teacher_text", "prepare.py")
 spec = importlib.util.spec_from_file_location("teacher_text", SCRIPT)

@@ -5,12 +5,12 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from echo.checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
 from conftest import ROOT, read_log, run, tiny_args
 import model as model_module
 from model import UsageError
-from perf import training_flops_per_token
+from echo.costs import training_flops_per_token
 from train import TrainConfig
 
 @pytest.mark.parametrize("kv_share", ["none", "echo:1", "cla:2", "0,0,2,2"])
@@ -151,8 +151,8 @@ def test_without_always_save_the_checkpoint_is_the_best_eval(data_dir, tmp_path)
 def test_mfu_while_layers_are_frozen_counts_what_is_computed(data_dir, pretrained, tmp_path):
     """A frozen stage is not MFU-less: its FLOPs per token are those of the stage (frozen weights: no weight
     gradient; layers below every trained weight: no backward), smaller than full fine-tuning's."""
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    from conversion import adaptation_stages, enter_stage
+    from echo.checkpoint import load_checkpoint, model_from_checkpoint
+    from echo.conversion import adaptation_stages, enter_stage
     run(data_dir, tmp_path, init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=2,
         adapt_freeze=True, max_iters=8, log_interval=1, eval_interval=8, peak_flops=1e9)
     logs = [r for r in read_log(tmp_path) if "loss" in r]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from data.common import bpe_meta, id_dtype, stop_ids, text_encoder  # noqa: E402
-from generate import sample_logits  # noqa: E402
+from echo.generate import sample_logits  # noqa: E402
 from model import UsageError  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2.npz")
@@ -106,7 +106,7 @@ def fingerprint(source):
     folder's files)."""
     kind, path = source.split(":", 1)
     if kind == "gguf":
-        from pretrained import gguf_file
+        from echo.pretrained import gguf_file
         files = [gguf_file(path)]
     else:
         files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, f))]
@@ -136,11 +136,11 @@ def main(argv):
     if args.tokens < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
         raise UsageError("--tokens, --batch_size and --max_new_tokens must be at least 1, --top_p in (0, 1]")
     meta = bpe_meta(args.teacher)
-    from pretrained import import_pretrained  # after the arguments are checked: loading takes seconds
+    from echo.pretrained import import_pretrained  # after the arguments are checked: loading takes seconds
     model = import_pretrained(args.teacher).eval()
     chat_tokens = None
     if meta.get("chat_template"):
-        from chat import Chat
+        from echo.chat import Chat
         chat = Chat(model, meta)
         chat_tokens = lambda request: chat.tokens([{"role": "user", "content": request}], extend=False)  # noqa: E731
     stop, eot, dtype = stop_ids(meta), meta.get("eot"), id_dtype(meta["vocab_size"])

@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 from model import UsageError
-from perf import kv_cache_bytes
+from echo.costs import kv_cache_bytes
 
 
 class RunLog:

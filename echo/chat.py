@@ -8,7 +8,7 @@ KV cache kept between turns, so that a new turn prefills only the tokens that fo
 import torch
 
 from data.common import stop_ids, text_encoder, tokenizer_from_meta
-from generate import generate_tokens, regrow_cache, until_stop
+from echo.generate import generate_tokens, regrow_cache, until_stop
 from model import UsageError
 
 
@@ -49,7 +49,7 @@ class Chat:
         self.stop = stop_ids(meta)
         self.messages = [{"role": "system", "content": system}] if system is not None else []
         self.text, self.ids = "", []  # the conversation so far, rendered, and its tokens
-        self.cached = []  # the token ids whose keys and values the cache holds, in order
+        self.in_cache = []  # the token ids whose keys and values the cache holds, in order
         self.dropped = 0  # turns dropped so far because the conversation outgrew the context
         self.reply_tokens = 0  # how many tokens the last reply had (its end token not counted)
 
@@ -88,7 +88,7 @@ class Chat:
         if len(ids) >= block:
             raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's context of {block}: shorten it")
         self.messages, self.dropped = messages, self.dropped + dropped
-        start = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
+        start = next((i for i, (a, b) in enumerate(zip(self.in_cache, ids)) if a != b), min(len(self.in_cache), len(ids)))
         start = min(start, len(ids) - 1)  # the last prompt token is always run: its logits give the first reply token
         needed, old = min(block, len(ids) + max_new_tokens), self.model.kv_cache
         if old is None or old.batch_size != 1:  # no cache of ours yet
@@ -110,7 +110,7 @@ class Chat:
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         new, printed = [], 0
         for token in generate_tokens(self.model, idx, max_new_tokens, temperature, top_k, top_p,
-                                     self.meta["vocab_size"], stop=self.stop, cached=start):
+                                     self.meta["vocab_size"], stop=self.stop, keep_cache=True, start_pos=start):
             new.append(token.item())
             if new[-1] in self.stop:
                 break
@@ -120,7 +120,7 @@ class Chat:
                     out.write(text[printed:])
                     out.flush()
                     printed = len(text)
-        self.cached = ids + new[:-1]  # every token but the last was fed back through the cache
+        self.in_cache = ids + new[:-1]  # every token but the last was fed back through the cache
         reply = until_stop(new, self.stop)  # the end token comes back as the template's own text next turn
         text = self.decode(reply)
         self.messages.append({"role": "assistant", "content": text})

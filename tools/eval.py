@@ -1,8 +1,8 @@
 """Zero-shot tasks of lm-evaluation-harness (EleutherAI), the harness the papers' tables come from, on any model
 this project reads: a train.py checkpoint, hf:DIR or gguf:FILE, converted one-shot by kv_share / att_share.
 
-    python eval.py --init_from=gguf:$SMOL --tasks=hellaswag,arc_easy,piqa          # the tasks' data downloads
-    python eval.py --init_from=gguf:$SMOL --att_share=echo:7 --tasks=local_mc --include_path=data/eval_tasks
+    python -m tools.eval --init_from=gguf:$SMOL --tasks=hellaswag,arc_easy,piqa          # the tasks' data downloads
+    python -m tools.eval --init_from=gguf:$SMOL --att_share=echo:7 --tasks=local_mc --include_path=data/eval_tasks
 
 lm-eval is optional (pip install lm-eval) and imported only here. Its three requests, served by our model:
 loglikelihood (multiple choice: each question's context is prefilled once into the layer-aware KV cache and
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from echo.checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, check_device, configure, precision, run_main
-from conversion import convert_sharing
+from echo.conversion import convert_sharing
 from data.common import bpe_meta, stop_ids, text_encoder, tokenizer_from_meta
-from generate import generate_tokens, regrow_cache
+from echo.generate import generate_tokens, regrow_cache
 from model import UsageError
-from pretrained import IMPORTS, import_pretrained
+from echo.pretrained import IMPORTS, import_pretrained
 
 try:
     from lm_eval.api.model import TemplateLM

@@ -1,6 +1,6 @@
 """This project's checkpoints, each read checked with one clear error: written atomically and durably, read as
 data only (weights_only), and what an exact resume needs besides the weights (optimizer, GradScaler, every
-RNG). Weights from elsewhere (Hugging Face directories, GGUF files) are pretrained.py's."""
+RNG), checked when a run resumes. Weights from elsewhere (Hugging Face directories, GGUF files) are pretrained.py's."""
 import contextlib
 import os
 from dataclasses import fields
@@ -128,3 +128,37 @@ def restore_training_state(ckpt, optimizer, scaler, rank, world, device, mismatc
 def same_tokens(a, b):
     """Whether two data metas describe the same tokenizer (so a model trained on one reads the other)."""
     return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "itos", "tokenizer_json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming a run: what train.py needs from its own checkpoint
+
+RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "adapt_freeze", "kv_init",  # schedule and
+                "distill_alpha", "distill_hidden", "distill_temperature", "distill_from")  # teacher: kept on resume
+
+
+def resume_checkpoint(cfg, meta, path):
+    """The checkpoint at `path` that train.py's settings `cfg` resume, checked: all an exact resume needs, of the
+    right types, trained on the tokens of `meta`; the run's schedule settings (RUN_SETTINGS) are restored from it
+    into cfg (a different value given explicitly is an error: it would silently change a half-finished
+    conversion; a checkpoint older than a setting has its default, the class's)."""
+    ckpt = load_checkpoint(path, require=("optimizer", "iter_num", "best_val_loss", "config", "meta"))
+    if not (type(ckpt["iter_num"]) is int and ckpt["iter_num"] >= 0 and isinstance(ckpt["optimizer"], dict)
+            and isinstance(ckpt["config"], dict) and isinstance(ckpt["meta"], dict)
+            and isinstance(ckpt["best_val_loss"], float)):
+        raise UsageError(f"checkpoint {path}: iter_num, optimizer, config, meta or best_val_loss has the wrong type")
+    states = ckpt.get("rng_states") or ([{"cpu": ckpt["rng_state"]}] if "rng_state" in ckpt else None)
+    if not (isinstance(states, list) and all(isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor)
+                                             for s in states)):
+        raise UsageError(f"checkpoint {path} lacks a valid RNG state: it cannot be resumed exactly "
+                         f"(fine-tune from it instead with init_from=ckpt:DIR)")
+    ckpt["rng_states"] = states
+    if not same_tokens(ckpt["meta"], meta):
+        raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
+    for key in RUN_SETTINGS:
+        saved = ckpt["config"].get(key, getattr(type(cfg), key))
+        if key in cfg.explicit and getattr(cfg, key) != saved:
+            raise UsageError(f"{key}={getattr(cfg, key)!r}, but the run being resumed has {key}={saved!r}: a "
+                             f"resumed run keeps its conversion schedule (start a new out_dir to change it)")
+        setattr(cfg, key, saved)
+    return ckpt

@@ -20,22 +20,23 @@ STOP_CHECK_EVERY = {"cpu": 1}
 
 @torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_limit=None,
-                    step=None, stop=(), cached=None):
+                    step=None, stop=(), keep_cache=False, start_pos=0):
     """Yield (B, 1) new tokens: one prefill pass over the prompt, then one cached decode step each.
     step: the function for a decode step (default: the model; sample.py passes a compiled one).
     stop: end-of-sequence ids. A row that samples one is done (what it samples after is meaningless: callers
     cut each row at its first stop id), and generation ends once every row is done.
-    cached: None, a fresh generation (the cache is set up here); or n, the caller's cache already holds
-    idx[:, :n] (a chat's earlier turns; n may be 0) and has room for the rest: only the rest is prefilled.
+    keep_cache: use the cache the model has, which already holds idx[:, :start_pos] (a chat's earlier turns)
+    and has room for the rest: only the rest is prefilled. Without it the cache is set up here, from position 0.
     Past block_size the window slides: the last block_size/2 tokens are re-encoded from position 0."""
     B, T = idx.shape
     block = model.config.block_size
     if T > block:
         raise UsageError(f"prompt is {T} tokens, longer than the context window block_size={block}")
-    start_pos = cached or 0
+    if not keep_cache and start_pos:
+        raise ValueError("start_pos > 0 needs keep_cache=True: a fresh cache holds nothing")
     if T <= start_pos:
         raise UsageError("prompt is empty: give at least one token")
-    if cached is None:
+    if not keep_cache:
         model.setup_cache(B, cache_len(model, T, max_new_tokens))
     elif model.kv_cache is None or model.kv_cache.max_len < min(block, T + max_new_tokens):
         raise UsageError(f"the cache cannot hold the {T - start_pos} tokens after position {start_pos} and "
@@ -89,7 +90,7 @@ def until_stop(row, stop):
 
 
 def inference_layout(model):
-    """The weights laid out for decoding, same values and state_dict. (1) Matrices that multiply the same input
+    """The weights laid out for inference (prefill and decode), same values and state_dict. (1) Matrices that multiply the same input
     as one matrix (as gpt-fast loads its wqkv): the q, k, v projections each layer computes, and the MLP's w1 and
     w3. One matmul where there were up to three, and what follows each fuses into one kernel (on a GPU each kernel
     is a launch in the CUDA graph). Only here: in training a conversion stage may freeze one projection and train

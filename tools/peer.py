@@ -13,7 +13,7 @@ import os
 import torch
 
 from model import UsageError
-from perf import decode_kernels, decode_tokens_per_s
+from echo.measure import decode_kernels, decode_tokens_per_s
 
 
 def load_peer(spec):

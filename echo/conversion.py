@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from model import LLaMA, UsageError, projection_sources, resolve_sharing
+from model import LLaMA, UsageError, resolve_sharing
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -37,13 +37,16 @@ def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
         if parts[0] != "layers" or parts[3] not in ("wq", "wk", "wv"):
             state[name] = old[name]
             continue
-        i, w = int(parts[1]), parts[3]
-        # the layers that will attend with this projection: i, and with 'mean' every K/V consumer of i
-        users = [j for j, s in enumerate(new.kv_sources) if s == i] if kv_init == "mean" and w != "wq" else [i]
+        i, p = int(parts[1]), parts[3][1]
+        # the layers this projection starts from: i, and with 'mean' each layer that will read it: for values
+        # every reader; for keys only readers with queries of their own (a K/V consumer of i; an attention
+        # consumer pairs i's keys with i's queries, so it has no keys of its own to give). From the rule.
+        users = [j for j, src in enumerate(new.reads_from) if src[p] == i and (p == "v" or src["q"] == j)] \
+            if kv_init == "mean" and p != "q" else [i]
         # one vote per user for the projection it attended with so far, counted per source (so that a single
         # source is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
-        votes = Counter(projection_sources(model.kv_sources, model.att_sources, j)[w[1]] for j in users)
-        used = [(old[f"layers.{o}.attention.{w}.weight"], n) for o, n in votes.items()]
+        votes = Counter(model.reads_from[j][p] for j in users)
+        used = [(old[f"layers.{o}.attention.w{p}.weight"], n) for o, n in votes.items()]
         state[name] = used[0][0].clone() if len(used) == 1 else sum(t * n for t, n in used) / len(users)
     new.load_state_dict(state)
     return new
@@ -93,7 +96,7 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
         c *= 2
     counts += [len(consumers)] if consumers else []
 
-    def stage(converted, frozen):
+    def make_stage(converted, frozen):
         sources = {}
         for key in target:
             sources[key] = []
@@ -104,7 +107,7 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
                     sources[key].append(start[key][i])
         return sources | {"freeze": frozen}
 
-    return [stage(consumers[:c], freeze) for c in counts] + [stage(consumers, False)]
+    return [make_stage(consumers[:c], freeze) for c in counts] + [make_stage(consumers, False)]
 
 
 def describe_stage(stage, previous):
@@ -150,17 +153,18 @@ def legacy_stages(stages, n_layer, freeze):
     return [dict(final, kv_sources=s, freeze=freeze) for s in stages] + [final]
 
 
-def stage_at(iter_num, stages, adapt_iters):
-    """The stage iteration iter_num trains in: adapt_iters each, the last (full fine-tuning) to the end."""
+def stage_num_at(iter_num, stages, adapt_iters):
+    """The number of the stage iteration iter_num trains in: adapt_iters each, the last (full fine-tuning) to the
+    end. (A stage itself is a dict, adaptation_stages' entry; a run names its stage by number.)"""
     final = len(stages) - 1
     return min(iter_num // adapt_iters, final) if adapt_iters else final
 
 
-def resumed_stage(ckpt, iter_num, stages, adapt_iters):
-    """The stage a resumed run's model and optimizer state belong to. Usually stage_at(iter_num), but a
+def resumed_stage_num(ckpt, iter_num, stages, adapt_iters):
+    """The stage a resumed run's model and optimizer state belong to. Usually stage_num_at(iter_num), but a
     checkpoint written at the first eval of a new stage was saved before the model entered it (the switch
     happens just after the eval), so it records the old stage, and the run re-enters the new one after it."""
-    return ckpt.get("stage", stage_at(iter_num, stages, adapt_iters)) if ckpt else stage_at(iter_num, stages, adapt_iters)
+    return ckpt.get("stage", stage_num_at(iter_num, stages, adapt_iters)) if ckpt else stage_num_at(iter_num, stages, adapt_iters)
 
 
 def enter_stage(model, stage, kv_init):
@@ -171,7 +175,7 @@ def enter_stage(model, stage, kv_init):
     if (model.kv_sources, model.att_sources) != (stage["kv_sources"], stage["att_sources"]):
         model = convert_sharing(model, ",".join(map(str, stage["kv_sources"])),
                                 ",".join(map(str, stage["att_sources"])), kv_init)
-    sources = [projection_sources(model.kv_sources, model.att_sources, i) for i in range(len(model.layers))]
+    sources = model.reads_from
     # every consumer (a layer that reads a projection of another), including any that already was when loaded
     consumers = {i for i, src in enumerate(sources) if any(s != i for s in src.values())}
     read = {f"layers.{sources[i][p]}.attention.w{p}." for i in consumers for p in "qkv"}

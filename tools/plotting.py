@@ -4,8 +4,8 @@ import math
 import numpy as np
 
 from model import UsageError
-from perf import device_name
-from runlog import sharing
+from echo.measure import device_name
+from echo.runlog import sharing
 
 
 def pyplot():
@@ -90,14 +90,15 @@ def plot_layers(kv_cost, att_cost, kv_sim, att_sim, file, title):
     plt.close(fig)
 
 
-def plot_frontier(points, dataset, file):
-    """Gap to the original against the KV cache saved: a line per kind, after training solid, one-shot dashed."""
+def plot_frontier(points, dataset, within, file):
+    """Gap to the original against the KV cache saved: a line per kind, after training solid, one-shot dashed
+    (runs without a one-shot figure left out), a dotted line at `within` nats."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, kind in zip(("C0", "C1"), ("K/V", "attention")):
         mine = sorted((p for p in points if p["kind"] == kind), key=lambda p: (p["consumers"], p["iters"]))
         trained = {p["consumers"]: p for p in mine if p["iters"] > 0}  # the longest run at each N
-        one_shot = {p["consumers"]: p for p in mine}
+        one_shot = {p["consumers"]: p for p in mine if p["one-shot"] is not None}
         for ps, style, label in ((one_shot, "--", "one-shot"), (trained, "-", "after training")):
             ps = sorted(ps.values(), key=lambda p: p["cache saved"])
             if ps:
@@ -106,9 +107,35 @@ def plot_frontier(points, dataset, file):
                 for p in ps:
                     ax.annotate(str(p["consumers"]), (100 * p["cache saved"], p["one-shot" if style == "--" else "after"]),
                                 fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.10, color="grey", lw=0.8, ls=":")
+    ax.axhline(within, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="KV cache saved per token (%)", ylabel=f"{dataset} loss gap to the original (nats)")
     ax.set_title("numbers: layers that share (consumers)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, file, dpi=90)
+    plt.close(fig)
+
+
+def plot_curve(points, trend, targets, title, file, predicted=()):
+    """analyze.py curve: gap against tokens trained on a log axis (the one-shot point, at 0 tokens, as a line),
+    the fitted trend extended to the tokens it predicts for the targets, dotted lines at the targets."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    trained = [(t, g) for t, g, _ in points if t > 0]
+    ax.plot(*zip(*trained), marker="o", color="C0", label="after training")
+    for t, g, _ in points:
+        if t == 0:
+            ax.axhline(g, color="C0", ls="--", lw=0.8, label=f"one-shot ({g:+.3f})")
+    if trend:
+        end = max([trained[-1][0]] + [p for p in predicted if p])
+        xs = np.logspace(np.log10(trained[0][0]), np.log10(end), 50)
+        ax.plot(xs, trend[0] + trend[1] * np.log10(xs), color="C1", ls="--",
+                label=f"trend: {trend[1] * np.log10(2):+.4f} nats per doubling")
+    for g in targets:
+        ax.axhline(g, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set(xlabel="tokens trained", ylabel="loss gap to the original (nats)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, file, dpi=90)

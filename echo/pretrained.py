@@ -8,9 +8,9 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from checkpoint import config_from_dict, load_checkpoint, load_weights, model_from_checkpoint, same_tokens
+from echo.checkpoint import config_from_dict, load_checkpoint, load_weights, model_from_checkpoint, same_tokens
 from configurator import read_json
-from conversion import convert_sharing
+from echo.conversion import convert_sharing
 from model import LLaMA, ModelConfig, UsageError
 
 IMPORTS = ("hf:", "gguf:")  # how the scripts name a pretrained model: hf:DIR or gguf:FILE

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from model import UsageError
-from pretrained import IMPORTS, load_pretrained
+from echo.pretrained import IMPORTS, load_pretrained
 
 
 def distilling(cfg):
@@ -77,7 +77,7 @@ def distill_loss(student_logits, teacher_logits, temperature):
     return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def block_outputs(model):
+def compared_layers(model):
     """The last layer of each group (a source and its consumers, the layers that read its K/V or attention): where
     distill_hidden compares the student's residual stream with the teacher's, as EchoAtt does."""
     last = {}
@@ -97,7 +97,7 @@ def hidden_loss(student_hidden, teacher_hidden):
 
 def training_loss(model, x, y, cfg, teacher=None, compared=()):
     """The loss one micro-step minimises, and its parts to log ({} without a teacher: plain cross-entropy).
-    compared: the layers whose residual streams distill_hidden compares (block_outputs of the student)."""
+    compared: the layers whose residual streams distill_hidden compares (compared_layers of the student)."""
     logits, ce, hidden = model(x, y, hidden_at=compared)
     if teacher is None:
         return ce, {}

@@ -1,9 +1,10 @@
 """Look at runs and models.
 
-    python analyze.py runs out-shakespeare-char-cpu out-shakespeare-char-cpu-echo --plot=curves.png
-    python analyze.py layers --out_dir=out-shakespeare-char-cpu --n_producers=2 --plot=layers.png
-    python analyze.py layers --init_from=gguf:PATH --dataset=teacher_smollm2 --n_consumers=2,4,7 --batches=4
-    python analyze.py frontier out-original out-kv-7 out-att-7 ... --dataset=wikitext2_smollm2 --plot=frontier.png
+    python -m tools.analyze runs out-shakespeare-char-cpu out-shakespeare-char-cpu-echo --plot=curves.png
+    python -m tools.analyze layers --out_dir=out-shakespeare-char-cpu --n_sources=2 --plot=layers.png
+    python -m tools.analyze layers --init_from=gguf:PATH --dataset=teacher_smollm2 --n_consumers=2,4,7 --batches=4
+    python -m tools.analyze curve out-curve-kv7 out-original --dataset=wikitext2_smollm2 --plot=curve.png
+    python -m tools.analyze frontier out-original out-kv-7 out-att-7 ... --dataset=wikitext2_smollm2 --plot=frontier.png
 
 runs: for each train.py out_dir, a table line (final and best val loss, tokens, training seconds, tokens/s, the
 eval_datasets' first and last loss), and with --plot (matplotlib) the loss curves against tokens seen and
@@ -11,15 +12,18 @@ training seconds (evals excluded), a colour per run, eval_datasets dashed, conve
 
 layers: for a model that shares nothing, the one-shot cost of every pair (layer j reading layer i's K/V, or
 reusing its attention) on batches from the first half of the val split; K/V and attention-map similarities;
-the cheapest kv_share and att_share with --n_consumers layers reading another's (or --n_producers keeping
+the cheapest kv_share and att_share with --n_consumers layers reading another's (or --n_sources keeping
 their own); each whole spec one-shot beside echo, CLA and EchoAtt's most-similar choice, on held-out batches
 from the second half. The last lines are the chosen specs, ready for train.py.
+
+curve: for one converted run beside the original, the gap on a held-out set at every eval against the tokens
+trained (train.py eval_spacing=doubling spaces them on a log axis), a trend fitted on log tokens from --fit_from on,
+and the tokens it predicts for each --targets gap.
 
 frontier: for converted runs beside the original (all with --eval_datasets), the gap to the original on a
 held-out set one-shot and after training, what each saves (cache, parameters), local_mc accuracy where eval.py
 wrote it (RUN/local_mc.json, RUN/local_mc_oneshot.json), the most consumers within --within nats per kind.
 """
-import contextlib
 import itertools
 import json
 import math
@@ -34,13 +38,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint
+from echo.checkpoint import load_checkpoint
 from configurator import check_device, configure, read_json, run_main
-from conversion import convert_sharing
-from model import UsageError
-from plotting import plot_frontier, plot_layers, plot_runs
-from pretrained import IMPORTS, load_pretrained
-from runlog import read_run, sharing
+from echo.conversion import convert_sharing
+from model import UsageError, projection_sources
+from tools.plotting import plot_curve, plot_frontier, plot_layers, plot_runs
+from echo.pretrained import IMPORTS, load_pretrained
+from echo.runlog import read_run, sharing
 from data.loader import get_batch, load_dataset
 
 
@@ -61,19 +65,13 @@ def runs_main(dirs, args):
 # ----------------------------------------------------------------------------------------------------
 # layers: which layers can give up their own K/V most cheaply
 
-@contextlib.contextmanager
-def reading(model, sources, kind="kv"):
-    """Let layers read other layers' K/V (kind "kv") or attention ("att": rotated q and k) without converting
-    the model: the forward loop follows model.kv_sources and model.att_sources, and a layer handed another
-    layer's tensors uses them (its own projections sit idle). So layer j reads layer i's K/V or attention
-    exactly as layer i computes them now, and nothing else changes."""
-    name = f"{kind}_sources"
-    old = getattr(model, name)
-    setattr(model, name, sources)
-    try:
-        yield model
-    finally:
-        setattr(model, name, old)
+def pairing(model, i, j, kind="kv"):
+    """Whose q, k, v layer j would attend with if it read layer i's K/V (kind "kv") or attention ("att": rotated
+    q and k), by the model's own rule; the model is not converted: handed these (LLaMA.layer_step's `reads`),
+    layer j uses layer i's tensors exactly as layer i computes them now, and its own projections sit idle."""
+    sources = {"kv": list(model.kv_sources), "att": list(model.att_sources)}
+    sources[kind][j] = i
+    return projection_sources(sources["kv"], sources["att"], j)
 
 
 @torch.no_grad()
@@ -130,13 +128,13 @@ def plain_pass(model, idx):
 
 
 @torch.no_grad()
-def loss_from(model, j, x, seen, targets):
+def loss_from(model, j, x, seen, targets, reads):
     """The loss of a pass that starts at layer j with residual stream x, the layers below j having attended
-    with seen: nothing below the layer that changes needs to run again."""
+    with seen, and layer j attending with the layers `reads` names: nothing below it needs to run again."""
     rope = model.rope_cos[:x.size(1)], model.rope_sin[:x.size(1)]
     seen = list(seen)
     for i in range(j, len(model.layers)):
-        x = model.layer_step(i, x, seen, rope=rope)
+        x = model.layer_step(i, x, seen, rope=rope, reads=reads if i == j else None)
     logits = model.output(model.norm(x)).float()                                  # (B, T, V)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)).item()
 
@@ -154,17 +152,16 @@ def share_costs(model, batches, kind="kv"):
     cost = np.zeros((L, L))
     bar = tqdm(pairs, unit="pair", desc=f"{kind} pair costs", leave=False) if sys.stderr.isatty() else pairs
     for i, j in bar:
-        sources = list(range(L))
-        sources[j] = i
-        with reading(model, sources, kind):
-            loss = sum(loss_from(model, j, inputs[j], seen[:j], y) for (inputs, seen), y in states) / len(states)
+        reads = pairing(model, i, j, kind)
+        loss = sum(loss_from(model, j, inputs[j], seen[:j], y, reads) for (inputs, seen), y in states) / len(states)
         cost[i, j] = loss - base
     return cost, base
 
 
-def sources_for(cost, producers):
-    """Every layer reads the producer at or below it that costs it least."""
-    return [i if i in producers else min((p for p in producers if p < i), key=lambda p: cost[p, i])
+def sources_for(cost, own):
+    """Every layer not in `own` (the layers that stay their own source) reads the one at or below it that costs
+    it least."""
+    return [i if i in own else min((p for p in own if p < i), key=lambda p: cost[p, i])
             for i in range(len(cost))]
 
 
@@ -172,47 +169,48 @@ def summed_cost(cost, sources):
     return sum(cost[s, i] for i, s in enumerate(sources) if s != i)
 
 
-def choose_sources(cost, n_producers, exact_up_to=3_000_000):
-    """kv_sources with n_producers producers (layer 0 among them) minimising the summed pairwise cost.
-    Exact when there are at most `exact_up_to` producer sets (C(L-1, n_producers-1); 30 layers with 23
-    producers: 1.6M, a few seconds): every set is tried, vectorised over sets. Beyond that, greedy: add, one
-    at a time, the producer that lowers the summed cost most. Returns (sources, exact)."""
+def choose_sources(cost, n_sources, exact_up_to=3_000_000):
+    """Sources (for K/V or attention, as the cost matrix is) with n_sources layers that stay their own source
+    (layer 0 among them) minimising the summed pairwise cost. Exact when there are at most `exact_up_to` source
+    sets (C(L-1, n_sources-1); 30 layers with 23 sources: 1.6M, a few seconds): every set is tried, vectorised
+    over sets. Beyond that, greedy: add, one at a time, the source that lowers the summed cost most.
+    Returns (sources, exact)."""
     L = len(cost)
-    if not 1 <= n_producers <= L:
-        raise UsageError(f"n_producers={n_producers}: expected 1 to n_layer={L}")
-    if math.comb(L - 1, n_producers - 1) > exact_up_to:
-        producers = {0}
-        while len(producers) < n_producers:
-            best = min(set(range(L)) - producers, key=lambda p: summed_cost(cost, sources_for(cost, producers | {p})))
-            producers.add(best)
-        return sources_for(cost, producers), False
+    if not 1 <= n_sources <= L:
+        raise UsageError(f"n_sources={n_sources}: expected 1 to n_layer={L}")
+    if math.comb(L - 1, n_sources - 1) > exact_up_to:
+        own = {0}
+        while len(own) < n_sources:
+            best = min(set(range(L)) - own, key=lambda p: summed_cost(cost, sources_for(cost, own | {p})))
+            own.add(best)
+        return sources_for(cost, own), False
     best, best_total = None, float("inf")
-    combos = itertools.combinations(range(1, L), n_producers - 1)
+    combos = itertools.combinations(range(1, L), n_sources - 1)
     while True:
-        sets = list(itertools.islice(combos, 100_000))  # the other producers, n_producers - 1 of them a set
+        sets = list(itertools.islice(combos, 100_000))  # the other sources, n_sources - 1 of them a set
         if not sets:
             break
-        chunk = np.array(sets, dtype=np.int64).reshape(len(sets), n_producers - 1)
-        is_producer = np.zeros((len(chunk), L), dtype=bool)
-        is_producer[:, 0] = True
-        np.put_along_axis(is_producer, chunk, True, axis=1)
+        chunk = np.array(sets, dtype=np.int64).reshape(len(sets), n_sources - 1)
+        is_source = np.zeros((len(chunk), L), dtype=bool)
+        is_source[:, 0] = True
+        np.put_along_axis(is_source, chunk, True, axis=1)
         total = np.zeros(len(chunk))
-        for j in range(1, L):  # a consumer j pays its cheapest producer below it
-            below = np.where(is_producer[:, :j], cost[:j, j][None, :], np.inf).min(axis=1)
-            total += np.where(is_producer[:, j], 0.0, below)
+        for j in range(1, L):  # a consumer j pays its cheapest source below it
+            below = np.where(is_source[:, :j], cost[:j, j][None, :], np.inf).min(axis=1)
+            total += np.where(is_source[:, j], 0.0, below)
         k = int(total.argmin())
         if total[k] < best_total:
             best, best_total = {0, *chunk[k].tolist()}, total[k]
     return sources_for(cost, best), True
 
 
-def cla_like(n_layer, n_producers):
-    """cla:G if some G gives exactly n_producers groups, else the nearest CLA-like spec: groups of
-    adjacent layers as even as possible, the bottom layer of each producing. (spec, description)."""
+def cla_like(n_layer, n_sources):
+    """cla:G if some G gives exactly n_sources groups, else the nearest CLA-like spec: groups of
+    adjacent layers as even as possible, the bottom layer of each the source. (spec, description)."""
     for g in range(1, n_layer + 1):
-        if math.ceil(n_layer / g) == n_producers:
+        if math.ceil(n_layer / g) == n_sources:
             return f"cla:{g}", f"cla:{g}"
-    starts = sorted({round(k * n_layer / n_producers) for k in range(n_producers)})
+    starts = sorted({round(k * n_layer / n_sources) for k in range(n_sources)})
     sources = [max(s for s in starts if s <= i) for i in range(n_layer)]
     spec = ",".join(map(str, sources))
     return spec, f"CLA-like {spec}"
@@ -299,11 +297,11 @@ def layers_main(args):
 
 def consumer_counts(args, n_layer):
     """The numbers of consumers to choose specs for: --n_consumers=N[,N...] (as echo:N counts), or
-    --n_producers=P (the layers that stay their own source: n_layer - P consumers)."""
-    if "n_producers" in args.explicit:
-        if not 1 <= args.n_producers <= n_layer:
-            raise UsageError(f"--n_producers={args.n_producers}: expected 1 to n_layer={n_layer}")
-        return [n_layer - args.n_producers]
+    --n_sources=P (the layers that stay their own source: n_layer - P consumers)."""
+    if "n_sources" in args.explicit:
+        if not 1 <= args.n_sources <= n_layer:
+            raise UsageError(f"--n_sources={args.n_sources}: expected 1 to n_layer={n_layer}")
+        return [n_layer - args.n_sources]
     try:
         counts = [int(c) for c in str(args.n_consumers).split(",")]
     except ValueError:
@@ -350,9 +348,12 @@ def choose_and_judge(model, n_consumers, cost, att_cost, att_sim, heldout, heldo
 # frontier: what each conversion keeps against what it saves, from the runs' logs
 
 def frontier_point(run, dataset, reference):
-    """One run as a frontier point: its kind, consumers, the gap to the original on `dataset` one-shot (first
-    eval) and at the end (last eval), what it saves, and local_mc accuracy where eval.py wrote it beside the run."""
+    """One run as a frontier point: its kind, consumers, the gap to the original on `dataset` one-shot and at the
+    end (last eval), what it saves, and local_mc accuracy where eval.py wrote it beside the run. The one-shot gap
+    is the first eval's only where that eval saw the final sharing: a layer-wise run's first eval is its stage 0
+    (one layer converted), not the one-shot model, so it has none (None)."""
     first, last = run["evals"][0], run["evals"][-1]
+    converted_at_start = all(first.get(key) == last.get(key) for key in ("kv_sources", "att_sources"))
     if dataset not in last.get("eval_losses", {}) or "kv_bytes_per_token" not in last:
         raise UsageError(f"{run['name']} has no {dataset} loss or no cost figures: run train.py with "
                          f"--eval_datasets={dataset}")
@@ -363,7 +364,8 @@ def frontier_point(run, dataset, reference):
                 for when, file in files.items() if os.path.isfile(os.path.join(run["folder"], file))}
     ref = reference["evals"][0]
     return {"run": run["name"], "kind": "K/V" if kv else "attention" if att else "none", "consumers": len(kv + att),
-            "iters": last["iter"], "one-shot": first["eval_losses"][dataset] - ref["eval_losses"][dataset],
+            "iters": last["iter"],
+            "one-shot": first["eval_losses"][dataset] - ref["eval_losses"][dataset] if converted_at_start else None,
             "after": last["eval_losses"][dataset] - ref["eval_losses"][dataset],
             "cache saved": 1 - last["kv_bytes_per_token"] / ref["kv_bytes_per_token"],
             "params saved": ref["params"] - last["params"], "acc": accuracy}
@@ -384,14 +386,74 @@ def frontier_main(dirs, args):
           f"{'params saved':>12} {'local_mc one-shot -> after':>27}")
     for p in points:
         acc = " -> ".join(f"{p['acc'][w]:.3f}" if w in p["acc"] else "-" for w in ("one-shot", "after"))
-        print(f"{p['run'][:28]:28} {p['kind']:>9} {p['consumers']:>9} {p['iters']:>5} {p['one-shot']:>+9.3f} "
+        one_shot = "-" if p["one-shot"] is None else f"{p['one-shot']:+.3f}"
+        print(f"{p['run'][:28]:28} {p['kind']:>9} {p['consumers']:>9} {p['iters']:>5} {one_shot:>9} "
               f"{p['after']:>+8.3f} {p['cache saved']:>11.1%} {p['params saved']:>12,} {acc:>27}")
     for kind in ("K/V", "attention"):
         within = [p["consumers"] for p in points if p["kind"] == kind and p["after"] <= args.within]
         print(f"{kind}: the most consumers within {args.within} nats after training: {max(within, default='none')}")
     if args.plot:
-        plot_frontier(points, dataset, args.plot)
+        plot_frontier(points, dataset, args.within, args.plot)
         print(f"wrote {args.plot}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# curve: how a converted model recovers with the tokens it trains on
+
+def recovery_trend(points, fit_from):
+    """Least squares gap = a + b * log10(tokens) over the points (tokens, gap) with tokens >= fit_from: (a, b), or
+    None with fewer than two such points."""
+    fit = [(math.log10(t), g) for t, g in points if t >= max(fit_from, 1)]
+    if len(fit) < 2:
+        return None
+    b, a = np.polyfit(*zip(*fit), 1)
+    return float(a), float(b)
+
+
+def tokens_for(trend, gap):
+    """The tokens the trend reaches `gap` at (None if it does not fall)."""
+    a, b = trend
+    return 10 ** ((gap - a) / b) if b < 0 else None
+
+
+def curve_main(dirs, args):
+    runs = [read_run(folder) for folder in dirs]
+    plain = [r for r in runs if all(s == i for key in ("kv_sources", "att_sources")
+                                    for i, s in enumerate(r["evals"][-1].get(key, [])))]
+    if not plain or len(runs) - len(plain) != 1:
+        raise UsageError("curve needs two train.py out_dirs: the converted run and the original (one that shares "
+                         "nothing, e.g. train.py --eval_only=True with the same eval_datasets)")
+    run, ref = next(r for r in runs if r not in plain), plain[0]["evals"][0]
+    dataset = args.dataset or next(iter(ref.get("eval_losses", {})), "")
+    if any(dataset not in e.get("eval_losses", {}) for e in run["evals"] + [ref]):
+        raise UsageError(f"{run['name']} or the original has no {dataset!r} loss at every eval: run train.py with "
+                         f"--eval_datasets={dataset or 'NAME'}")
+    points = [(e["tokens"], e["eval_losses"][dataset] - ref["eval_losses"][dataset], e["train_seconds"])
+              for e in run["evals"]]
+    print(f"{run['name']}: gap to the original on {dataset} (original {ref['eval_losses'][dataset]:.4f})")
+    print(f"{'tokens':>10} {'train s':>8} {'gap':>8}")
+    for tokens, gap, seconds in points:
+        print(f"{tokens:>10,} {seconds:>8.0f} {gap:>+8.3f}")
+    trend = recovery_trend([(t, g) for t, g, _ in points], args.fit_from)
+    targets = [float(t) for t in str(args.targets).split(",")]
+    if trend:
+        print(f"trend from {args.fit_from:,} tokens on: gap = {trend[0]:.3f} {trend[1]:+.4f} x log10(tokens) "
+              f"({trend[1] * math.log10(2):+.4f} per doubling)")
+        for gap in targets:
+            needed = tokens_for(trend, gap)
+            print(f"  gap {gap:.2f}: " + (f"{needed:,.3g} tokens by the trend" if needed else "not reached by the trend"))
+    if args.plot:
+        plot_curve(points, trend, targets, f"{run['name']}: {dataset} gap to the original", args.plot,
+                   [tokens_for(trend, g) for g in targets] if trend else [])
+        print(f"wrote {args.plot}")
+
+
+@dataclass
+class CurveConfig:
+    dataset: str = ""             # the eval_datasets entry judged (default: the original's first)
+    fit_from: int = 20000         # tokens from which on the trend is fitted (the first evals fall faster)
+    targets: str = "0.10,0.05"    # gaps (nats) the trend is asked the tokens for
+    plot: str = ""                # write gap against tokens (log axis) with the trend to this PNG
 
 
 @dataclass
@@ -413,7 +475,7 @@ class LayersConfig:
     dataset: str = ""             # the dataset to evaluate on (default: the checkpoint's)
     data_dir: str = ""            # where datasets live (default: the checkpoint's, else data)
     n_consumers: str = ""         # how many layers read another's, as echo:N counts: N, or a list N,N,... (costs once)
-    n_producers: int = 0          # or: how many layers keep their own K/V (attention sharing: their own attention)
+    n_sources: int = 0            # or: how many layers stay their own source (keep their own K/V, or attention)
     batches: int = 20             # val batches for the costs (first half of val)
     heldout_batches: int = 20     # val batches (second half) on which the chosen and fixed specs are judged
     similarity_batches: int = 4   # of the cost batches, for the similarities
@@ -434,6 +496,8 @@ def main(argv):
         if not dirs:
             raise UsageError("analyze.py runs needs at least one train.py out_dir: analyze.py runs DIR [DIR ...]")
         runs_main(dirs, cfg)
+    elif mode == "curve":
+        curve_main([a for a in rest if not a.startswith("--")], configure(CurveConfig(), [a for a in rest if a.startswith("--")]))
     elif mode == "frontier":
         dirs = [a for a in rest if not a.startswith("--")]
         if not dirs:
@@ -441,12 +505,12 @@ def main(argv):
         frontier_main(dirs, configure(FrontierConfig(), [a for a in rest if a.startswith("--")]))
     elif mode == "layers":
         cfg = configure(LayersConfig(), rest)
-        if ("n_consumers" in cfg.explicit) == ("n_producers" in cfg.explicit):
+        if ("n_consumers" in cfg.explicit) == ("n_sources" in cfg.explicit):
             raise UsageError("analyze.py layers needs --n_consumers=N[,N...] (layers that read another's, as echo:N "
-                             "counts) or --n_producers=P (layers that keep their own), one of the two")
+                             "counts) or --n_sources=P (layers that keep their own), one of the two")
         layers_main(cfg)
     else:
-        raise UsageError(f"unknown mode {mode!r}: expected 'runs' (analyze.py runs DIR ...), 'frontier' "
+        raise UsageError(f"unknown mode {mode!r}: expected 'runs' (analyze.py runs DIR ...), 'curve', 'frontier' "
                          f"(analyze.py frontier DIR ...) or 'layers' (analyze.py layers --key=value ...)")
 
 
