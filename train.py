@@ -23,8 +23,8 @@ from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precis
 from data.loader import batch_generator, get_batch, load_dataset
 from echo.checkpoint import (config_from_dict, model_from_checkpoint, restore_training_state, resume_checkpoint, rng_state,
                              same_tokens, save_checkpoint)
-from echo.conversion import (convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage_num, run_stages,
-                             stage_num_at)
+from echo.conversion import (TRAINABLE, convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage_num,
+                             run_stages, stage_num_at)
 from echo.costs import step_flops
 from echo.distill import check_distill_settings, compared_layers, load_teacher, teacher_source, training_loss
 from echo.measure import device_peak
@@ -71,9 +71,11 @@ class TrainConfig:
     att_share_target: str = ""            # the same for attention sharing (both may be given)
     adapt_iters: int = 0                  # iterations per stage; after the stages, full fine-tuning to max_iters
     adapt_freeze: bool = False            # during the stages, train only the consumers and the projections they read
+    trainable: str = "all"                # the whole run: all, or the consumers' layers/attention/attention+norms (conversion.py)
     # distillation (see README): loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
     distill_alpha: float = 0.0            # a; 0 = off
-    distill_hidden: float = 0.0           # h: EchoAtt's term, residual-stream MSE after each source's group
+    distill_hidden: float = 0.0           # h: residual-stream MSE against the teacher's, at distill_hidden_at:
+    distill_hidden_at: str = "groups"     # after each source's group (EchoAtt) or 'before_last' layer (SwiftKV)
     distill_temperature: float = 1.0      # T: both distributions are softened by it
     distill_from: str = ""                # teacher: '' = the model as loaded, before conversion; or ckpt:, hf:, gguf:
     # AdamW, linear warmup then cosine decay to min_lr
@@ -113,6 +115,8 @@ def check_settings(cfg):
         raise UsageError(f"peak_flops={cfg.peak_flops}: expected FLOP/s > 0, 0 (no MFU) or -1 (automatic)")
     if cfg.eval_spacing not in ("even", "doubling"):
         raise UsageError(f"eval_spacing={cfg.eval_spacing!r}: expected 'even' or 'doubling'")
+    if cfg.trainable not in TRAINABLE:
+        raise UsageError(f"trainable={cfg.trainable!r}: expected one of {', '.join(TRAINABLE)}")
     if cfg.kv_init not in ("keep", "mean"):
         raise UsageError(f"kv_init={cfg.kv_init!r}: expected 'keep' or 'mean'")
     if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", *IMPORTS))):
@@ -219,7 +223,7 @@ def initial_model(cfg, meta):
 def build(model, stage, cfg, ddp):
     """Enter a conversion stage: (the plain module, which checkpoints save; the module that trains, compiled
     and wrapped for DDP as asked; a fresh optimizer, since the parameters may have changed)."""
-    raw = enter_stage(model, stage, cfg.kv_init).to(cfg.device)
+    raw = enter_stage(model, stage, cfg.kv_init, cfg.trainable).to(cfg.device)
     optimizer = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if cfg.compile:
         # every stage is a new module with the same forward code: without a reset, each stage's compiles
@@ -325,7 +329,7 @@ def train(cfg):
             group["lr"] = lr
         x_all, y_all = get_batch(data["train"], world * rows, cfg.block_size, batch_generator(cfg.seed, iter_num),
                                  slice(rank * rows, (rank + 1) * rows))
-        compared = compared_layers(raw_model) if cfg.distill_hidden else ()  # layers distill_hidden compares
+        compared = compared_layers(raw_model, cfg.distill_hidden_at) if cfg.distill_hidden else ()  # distill_hidden's
         iter_loss, iter_parts = 0.0, {}  # means over micro-steps, kept on the device until logged
         for micro in range(accum):
             x, y = (t[micro * cfg.batch_size:(micro + 1) * cfg.batch_size].to(cfg.device, non_blocking=True)

@@ -133,8 +133,9 @@ def same_tokens(a, b):
 # ----------------------------------------------------------------------------------------------------
 # Resuming a run: what train.py needs from its own checkpoint
 
-RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "adapt_freeze", "kv_init",  # schedule and
-                "distill_alpha", "distill_hidden", "distill_temperature", "distill_from")  # teacher: kept on resume
+RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "adapt_freeze", "trainable",  # schedule and
+                "kv_init", "distill_alpha", "distill_hidden", "distill_hidden_at", "distill_temperature",
+                "distill_from")  # teacher: kept on resume
 
 
 def resume_checkpoint(cfg, meta, path):

@@ -129,6 +129,9 @@ def describe_run(model, stages, adapt_iters):
     plain = {key: list(range(len(model.layers))) for key in ("kv_sources", "att_sources")}
     line = (f"model: {model.num_params() / 1e6:.2f}M params, consumers: "
             f"{describe_stage({'kv_sources': model.kv_sources, 'att_sources': model.att_sources}, plain)}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trained < model.num_params():
+        line += f"; {trained:,} of them train"
     if len(stages) > 1:
         line += (f"\nlayer-wise conversion: {len(stages) - 1} stages of {adapt_iters} iterations, then full fine-tuning; "
                  + " | ".join(f"stage {n}: {describe_stage(st, before)}"
@@ -167,20 +170,29 @@ def resumed_stage_num(ckpt, iter_num, stages, adapt_iters):
     return ckpt.get("stage", stage_num_at(iter_num, stages, adapt_iters)) if ckpt else stage_num_at(iter_num, stages, adapt_iters)
 
 
-def enter_stage(model, stage, kv_init):
-    """Convert the model to the stage's sources (if it is not there yet) and set what trains: all of it,
-    or when the stage freezes, only the consumers and the projections they read. The caller
+TRAINABLE = ("all", "layers", "attention", "attention+norms")
+
+
+def enter_stage(model, stage, kv_init, trainable="all"):
+    """Convert the model to the stage's sources (if it is not there yet) and set what trains (TRAINABLE): 'all' of
+    it; or only the consumers (every layer that reads another's projection) and the projections they read: the
+    consumers' whole layers ('layers', what a freezing stage of adapt_freeze trains), their attention
+    projections ('attention', SwiftKV's choice), or those and their two norms ('attention+norms'). The caller
     makes a fresh optimizer for the new parameters; the learning rate follows the run's one schedule (warmup
     and decay over all iterations), so a stage does not re-warm it."""
     if (model.kv_sources, model.att_sources) != (stage["kv_sources"], stage["att_sources"]):
         model = convert_sharing(model, ",".join(map(str, stage["kv_sources"])),
                                 ",".join(map(str, stage["att_sources"])), kv_init)
+    if trainable == "all" and stage["freeze"]:
+        trainable = "layers"
     sources = model.reads_from
     # every consumer (a layer that reads a projection of another), including any that already was when loaded
     consumers = {i for i, src in enumerate(sources) if any(s != i for s in src.values())}
-    read = {f"layers.{sources[i][p]}.attention.w{p}." for i in consumers for p in "qkv"}
+    trained = {f"layers.{sources[i][p]}.attention.w{p}." for i in consumers for p in "qkv"}  # what they read
+    parts = {"layers": ("",), "attention": ("attention.",), "attention+norms": ("attention.", "attention_norm.", "ffn_norm.")}
+    trained |= {f"layers.{i}.{part}" for i in consumers for part in parts.get(trainable, ())}
     for name, p in model.named_parameters():
-        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        p.requires_grad_(not stage["freeze"] or layer in consumers or any(name.startswith(r) for r in read))
+        p.requires_grad_(trainable == "all" or any(name.startswith(t) for t in trained))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"trainable={trainable!r} trains only consumers and what they read, and this model has no consumer")
     return model
-

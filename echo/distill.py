@@ -2,9 +2,9 @@
 pass, the losses, and the one call the training loop makes per micro-step (training_loss).
 
 loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
-with a = distill_alpha, h = distill_hidden (EchoAtt's term: the residual streams after each group of layers that
-share: a source and its consumers),
-T = distill_temperature. The teacher is frozen: no gradients, no optimizer state, no dropout.
+with a = distill_alpha, h = distill_hidden (an MSE between residual streams, where distill_hidden_at says: EchoAtt's
+after each group of layers that share, a source and its consumers, or SwiftKV's one stream entering the last
+layer), T = distill_temperature. The teacher is frozen: no gradients, no optimizer state, no dropout.
 """
 import copy
 
@@ -26,6 +26,8 @@ def check_distill_settings(cfg):
     if cfg.distill_alpha + cfg.distill_hidden > 1:
         raise UsageError(f"distill_alpha + distill_hidden = {cfg.distill_alpha + cfg.distill_hidden}: the two "
                          f"weights and the cross-entropy's (1 - both) must not exceed 1")
+    if cfg.distill_hidden_at not in HIDDEN_AT:
+        raise UsageError(f"distill_hidden_at={cfg.distill_hidden_at!r}: expected one of {', '.join(HIDDEN_AT)}")
     if not (cfg.distill_temperature > 0 and cfg.distill_temperature < float("inf")):
         raise UsageError(f"distill_temperature={cfg.distill_temperature}: expected a number > 0")
     if cfg.distill_from and not cfg.distill_from.startswith(("ckpt:", *IMPORTS)):
@@ -77,9 +79,16 @@ def distill_loss(student_logits, teacher_logits, temperature):
     return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def compared_layers(model):
-    """The last layer of each group (a source and its consumers, the layers that read its K/V or attention): where
-    distill_hidden compares the student's residual stream with the teacher's, as EchoAtt does."""
+HIDDEN_AT = ("groups", "before_last")
+
+
+def compared_layers(model, at="groups"):
+    """The layers after which distill_hidden compares the student's residual stream with the teacher's: 'groups',
+    the last layer of each group (a source and its consumers, the layers that read its K/V or attention), as
+    EchoAtt does; 'before_last', the layer before the last (its output is what the last layer reads), as
+    SwiftKV does (ArcticTraining's hidden_loss_layer=-2 of Hugging Face's hidden_states)."""
+    if at == "before_last":
+        return (len(model.layers) - 2,)
     last = {}
     for i, sources in enumerate(zip(model.kv_sources, model.att_sources)):
         for src in sources:

@@ -177,6 +177,27 @@ def test_hidden_term_compares_the_residual_stream_after_each_shared_block():
     assert hidden_loss([], []) == 0
 
 
+
+def test_swiftkvs_hidden_term_compares_what_the_last_layer_reads():
+    """distill_hidden_at='before_last': one stream, the last layer's input, whatever shares; a student that differs
+    from its teacher only in its last layer (it reads layer 3's K/V) has no loss there, while EchoAtt's placement
+    (after the group 3-4) sees the difference."""
+    from echo.distill import compared_layers, hidden_loss
+    teacher = model_of("none", "none", n_layer=5)
+    student = convert_sharing(model_of("none", "none", n_layer=5), kv_share="0,1,2,3,3")
+    for m in (teacher, student, model_of("echo:2", "none"), model_of("0,1,1,3,4", "0,1,2,3,3")):
+        assert compared_layers(m, "before_last") == (3,)
+    seen = []
+    hook = student.layers[4].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    idx = torch.randint(0, 71, (3, 11))
+    _, _, (hs,) = student(idx, hidden_at=compared_layers(student, "before_last"))
+    hook.remove()
+    torch.testing.assert_close(hs, seen[0])
+    _, _, (ht,) = teacher(idx, hidden_at=(3,))
+    assert hidden_loss([hs], [ht]) == 0
+    groups = compared_layers(student)
+    assert groups == (4,) and hidden_loss(student(idx, hidden_at=groups)[2], teacher(idx, hidden_at=groups)[2]) > 0
+
 def test_layer_wise_conversion_resumes_mid_schedule_exactly(data_dir, pretrained, tmp_path):
     conv = dict(init_from=f"ckpt:{pretrained}", att_share_target="0,0,0,0", adapt_iters=3, max_iters=12,
                 lr_decay_iters=12, eval_interval=2, distill_alpha=0.5)

@@ -78,3 +78,21 @@ def test_stopping_at_end_tokens_syncs_every_16_steps_only():
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 48 // 16 + 2, [str(w.message) for w in syncs]  # the 3 checks, and at most prefill's own
+
+
+def test_teacher_text_is_written_on_the_gpu():
+    """data/teacher_text/prepare.py --device=cuda: the batch is sampled where the model is, and each document is its
+    opening, then what the model wrote up to and including its first end token (or, cut, followed by one)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "data", "teacher_text", "prepare.py")
+    spec = importlib.util.spec_from_file_location("teacher_text", path)
+    teacher_text = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(teacher_text)
+    model = gpu_model("echo:2").float()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]  # unequal lengths; 7 inside a prompt is not an end
+    torch.manual_seed(0)
+    docs = teacher_text.write_documents(model, prompts, 40, [7], 0, 256, 0.95)
+    for p, doc in zip(prompts, docs):
+        assert doc[:len(p)] == p and len(p) < len(doc) <= len(p) + 41
+        assert 7 not in doc[len(p):-1] and (doc[-1] == 7 or len(doc) == len(p) + 41 and doc[-1] == 0)

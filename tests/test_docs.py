@@ -24,7 +24,7 @@ SETTINGS = {"train.py": {f.name for f in fields(TrainConfig)}, "sample.py": {f.n
             "data/tinystories/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/wikitext2/prepare.py": {"input", "out_dir", "tokenizer"},
             "data/teacher_text/prepare.py": {"teacher", "tokens", "out_dir", "batch_size", "max_new_tokens", "top_p",
-                                             "seed", "ship"}}
+                                             "seed", "ship", "device"}}
 SCRIPT_FILES = {s: s if s.endswith(".py") else s.replace(".", "/") + ".py" for s in SETTINGS}  # tools.x: tools/x.py
 SOURCES = ["README.md", "docs/RESULTS.md", "docs/GUIDE.md"] + list(SCRIPT_FILES.values())
 

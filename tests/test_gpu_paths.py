@@ -208,3 +208,40 @@ def test_fp16_resume_restores_the_grad_scaler(data_dir, tmp_path):
     assert a["scaler"] == b["scaler"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+KV7 = "0,1,2,3,4,5,0,0,0,9,10,11,12,13,14,15,16,0,0,19,20,21,0,23,24,25,0,27,28,29"  # the README's 7 of 30
+
+
+def test_the_gpu_conversion_config_is_one_graph_in_bf16_with_flash_attention_and_its_flops_counted(sdpa_calls):
+    """config/convert_smollm2.py on SmolLM2-135M's shape (random weights) with the README's K/V 7-of-30 spec, under
+    the config's bf16 autocast (here on the CPU, 64 of its 512 positions): the student's training forward and the
+    teacher's forward are one graph each, every attention call is one CUDA's flash kernel takes, and a step's FLOPs
+    (student forward and backward under the config's loss, teacher forward) are the ones MFU counts."""
+    import dataclasses
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from configurator import configure
+    from echo.costs import step_flops
+    from echo.distill import training_loss
+    from train import TrainConfig
+    cfg = TrainConfig()
+    configure(cfg, [os.path.join(os.path.dirname(__file__), "..", "config", "convert_smollm2.py")])
+    assert (cfg.device, cfg.dtype, cfg.compile, cfg.distill_alpha) == ("cuda", "bfloat16", True, 1.0)
+    torch.manual_seed(0)
+    shape = ModelConfig(vocab_size=49152, block_size=cfg.block_size, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                        intermediate_size=1536, tie_embeddings=True)
+    teacher = LLaMA(shape).requires_grad_(False)
+    student = LLaMA(dataclasses.replace(shape, kv_share=KV7))
+    x = torch.randint(0, shape.vocab_size, (1, 65))
+    x, y = x[:, :-1], x[:, 1:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for model, kwargs in ((student, dict(targets=y)), (teacher, dict(all_logits=True))):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(x, **kwargs)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert len(sdpa_calls) == 2 * 30 and {c["kernel"] for c in sdpa_calls} == {"flash"}
+    assert {(c["q_heads"], c["kv_heads"]) for c in sdpa_calls} == {(9, 3)}  # GQA reaches flash unexpanded
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        training_loss(student, x, y, cfg, teacher)[0].backward()
+    assert counter.get_total_flops() == step_flops(student, teacher, 64) * 64

@@ -142,3 +142,25 @@ def test_hf_tokenizer_prepends_bos_to_each_document():
     encode, decode = tokenizer_from_meta(json.loads(json.dumps(meta)))
     assert encode("a b<|endoftext|>b") == [0, 2, 3, 1, 0, 3]
     assert encode("b") == [0, 3] and "<s>" not in decode(encode("a b"))
+
+
+def test_trainable_holds_for_the_whole_run_and_on_resume(data_dir, pretrained, tmp_path, capsys):
+    """trainable='attention' one-shot (layers 1 and 3 read 0's and 2's K/V): through the whole run and across a
+    resume only the consumers' attention and the K/V they read change; every other weight is the pretrained one."""
+    conv = dict(init_from=f"ckpt:{pretrained}", kv_share="0,0,2,2", trainable="attention", max_iters=8,
+                lr_decay_iters=8, eval_interval=4)
+    run(data_dir, tmp_path / "full", **conv)
+    said = capsys.readouterr().out
+    run(data_dir, tmp_path / "half", **dict(conv, max_iters=4))
+    run(data_dir, tmp_path / "half", init_from="resume", max_iters=8, lr_decay_iters=8, eval_interval=4)
+    start = load_checkpoint(os.path.join(pretrained, "ckpt.pt"))["model"]
+    a, b = load_checkpoint(tmp_path / "full" / "ckpt.pt"), load_checkpoint(tmp_path / "half" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 8 and b["config"]["trainable"] == "attention"
+    trained = {f"layers.{i}.attention.{w}.weight" for i, w in [(1, "wq"), (1, "wo"), (3, "wq"), (3, "wo"), (0, "wk"),
+                                                                  (0, "wv"), (2, "wk"), (2, "wv")]}
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=1e-6)
+        assert torch.equal(a["model"][k], start[k]) == (k not in trained), k
+    assert f"; {sum(start[k].numel() for k in trained):,} of them train" in said  # the run says how many
+    with pytest.raises(UsageError, match="trainable='all', but the run being resumed has trainable='attention'"):
+        run(data_dir, tmp_path / "half", init_from="resume", max_iters=12, trainable="all")

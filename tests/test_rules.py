@@ -121,7 +121,8 @@ CHECK = textwrap.dedent("""
     from torch.utils.flop_counter import FlopCounterMode
     from echo.conversion import convert_sharing
     from model import LLaMA, ModelConfig
-    from echo.costs import kv_cache_bytes, matmul_params, training_flops_per_token
+    import model as model_module
+    from echo.costs import decode_bytes_per_step, kv_cache_bytes, matmul_params, training_flops_per_token
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=37, block_size=16, n_layer=5, n_head=6, n_kv_head=2, n_embd=24,
                       intermediate_size=40, tie_embeddings=False, att_share="0,1,1,3,1")
@@ -135,7 +136,31 @@ CHECK = textwrap.dedent("""
                            + [model(x[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(6, 11)], 1)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.train()(x, targets=x)[1].backward()
+    # the bytes a decode step reads: every weight, and what each layer hands to attention: test_perf.py's spy, written
+    # again because this runs in its own process on the copied code, where the tests' helpers would import the original
+    reads, inside = [], []
+    def spy(name, *tensors):
+        real = getattr(model_module, name)
+        def counted(*args):
+            if not inside:
+                reads.append(sum(args[i].nbytes for i in tensors))
+            inside.append(name)
+            try:
+                return real(*args)
+            finally:
+                inside.pop()
+        setattr(model_module, name, counted)
+    spy("attend_masked", 1, 2); spy("attend_explicit", 1, 2); spy("mix_values", 0, 1)
+    model.eval().setup_cache(2, 16, dtype=torch.float32)
+    with torch.no_grad():
+        model(x[:, :1], input_pos=torch.tensor([5]))
+    weights = sum(p.nbytes for p in model.parameters()) - model.tok_embeddings.weight.nbytes + 2 * 24 * 4
+    # kv_init=mean: layer 1's values start as the mean of the layers that will read them, whichever the rule says
+    mean = convert_sharing(plain, att_share=cfg.att_share, kv_init="mean").state_dict()["layers.1.attention.wv.weight"]
+    wv = lambda j: plain.layers[j].attention.wv.weight
     print({"wv": [hasattr(l.attention, "wv") for l in model.layers],
+           "bytes_ok": len(reads) == 5 and decode_bytes_per_step(cfg, 2, 16, 4) == weights + sum(reads),
+           "wv1_mean_of": [s for s in ([1], [1, 2, 4]) if torch.allclose(mean, sum(wv(j) for j in s) / len(s))],
            "v_slots": model.kv_cache.n_slots["v"], "cache_ok": model.kv_cache.nbytes == kv_cache_bytes(cfg, 2, 16, 4),
            "params_ok": matmul_params(cfg) == sum(m.weight.numel() for m in model.modules()
                                                   if isinstance(m, torch.nn.Linear)),
@@ -152,7 +177,8 @@ def run_check(folder):
 
 def test_a_rule_changed_in_model_py_alone_changes_everything(tmp_path):
     """On a copy of the code, change one line of projection_sources (attention consumers also take their source's
-    values): the consumers lose wv and their V slots, and the counts, the FLOPs and the cached pass follow."""
+    values): the consumers lose wv and their V slots, and the counts, the FLOPs, the bytes a decode step reads, the
+    cached pass and kv_init=mean's readers follow."""
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             shutil.copy(os.path.join(ROOT, name), tmp_path / name)
@@ -165,5 +191,6 @@ def test_a_rule_changed_in_model_py_alone_changes_everything(tmp_path):
     after = run_check(tmp_path)
     assert before["wv"] == [True] * 5 and before["v_slots"] == 5
     assert after["wv"] == [True, True, False, True, False] and after["v_slots"] == 3
+    assert before["wv1_mean_of"] == [[1]] and after["wv1_mean_of"] == [[1, 2, 4]]  # its readers under each rule
     for result in (before, after):
-        assert result["cache_ok"] and result["params_ok"] and result["flops_ok"] and result["exact"], result
+        assert all(result[k] for k in ("cache_ok", "params_ok", "flops_ok", "exact", "bytes_ok")), result

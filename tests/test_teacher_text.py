@@ -94,6 +94,8 @@ def test_chat_openings_are_rendered_in_the_models_template(teacher, tmp_path):
     (["--tokens=0"], "--tokens, --batch_size and --max_new_tokens must be at least 1"),
     (["--tokens=10", "--top_p=0"], "--top_p in (0, 1]"),
     (["--tokens=10", "--teacher=gguf:/no/such.gguf"], "/no/such.gguf"),
+    (["--tokens=10", "--device=cuda:99"], "device='cuda:99', but"),  # no GPU here, or not 100 of them
+    (["--tokens=10", "--device=tpu"], "device='tpu': expected cpu, cuda"),
 ])
 def test_bad_input_is_one_line(teacher, tmp_path, extra, match):
     r = prepare(teacher, tmp_path / "bad", *extra)

@@ -199,3 +199,45 @@ def test_eval_datasets_with_other_tokens_or_none_are_one_line(data_dir, tmp_path
         r = subprocess.run([sys.executable, "train.py", *tiny_args(data_dir, tmp_path / extra, eval_datasets=extra)],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
+
+
+# what each `trainable` setting trains in a 5-layer model where layer 2 reads layer 1's K/V and layer 4 reuses
+# layer 3's attention (its rotated q and k) with its own V: written out by hand, not derived
+READ = {"layers.1.attention.wk.weight", "layers.1.attention.wv.weight", "layers.3.attention.wq.weight",
+        "layers.3.attention.wk.weight"}
+CONSUMER_ATTENTION = {"layers.2.attention.wq.weight", "layers.2.attention.wo.weight", "layers.4.attention.wv.weight",
+                      "layers.4.attention.wo.weight"}
+CONSUMER_NORMS = {f"layers.{i}.{n}.weight" for i in (2, 4) for n in ("attention_norm", "ffn_norm")}
+CONSUMER_MLPS = {f"layers.{i}.feed_forward.{w}.weight" for i in (2, 4) for w in ("w1", "w2", "w3")}
+EXPECTED_TRAINED = {"attention": READ | CONSUMER_ATTENTION, "attention+norms": READ | CONSUMER_ATTENTION | CONSUMER_NORMS,
+                    "layers": READ | CONSUMER_ATTENTION | CONSUMER_NORMS | CONSUMER_MLPS}
+
+
+@pytest.mark.parametrize("trainable", ["all", "layers", "attention", "attention+norms"])
+def test_trainable_sets_what_gets_a_gradient_and_the_flops(trainable):
+    """Frozen weights get no gradient and no FLOPs: the count equals torch's counter (math attention kernel),
+    and no backward runs below the lowest trained weight (layer 1 here, so not through layer 0 or the embedding)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from echo.conversion import TRAINABLE, enter_stage
+    from model import LLaMA, ModelConfig
+    assert trainable in TRAINABLE
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=13, block_size=7, n_layer=5, n_head=3, n_kv_head=1, n_embd=12, intermediate_size=20,
+                      kv_share="0,1,1,3,4", att_share="0,1,2,3,3")
+    model = LLaMA(cfg)
+    stage = {"kv_sources": model.kv_sources, "att_sources": model.att_sources, "freeze": False}
+    model = enter_stage(model, stage, "keep", trainable)
+    names = {name for name, _ in model.named_parameters()}
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == (names if trainable == "all" else EXPECTED_TRAINED[trainable])
+    idx = torch.randint(0, cfg.vocab_size, (2, 7))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx, targets=idx)[1].backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == (name in trained), name
+    assert counter.get_total_flops() == training_flops_per_token(cfg, 7, names - trained) * 2 * 7
+    # a freezing stage (adapt_freeze) trains the consumers' layers, unless trainable names a narrower set
+    frozen_stage = dict(stage, freeze=True)
+    again = {n for n, p in enter_stage(model, frozen_stage, "keep", trainable).named_parameters() if p.requires_grad}
+    assert again == EXPECTED_TRAINED["layers" if trainable == "all" else trainable]

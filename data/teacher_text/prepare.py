@@ -3,12 +3,15 @@ a compressed model's general ability with no outside data): the model continues 
 own sampling, plain-text starts across topics and, for a model with a chat template, requests in that template.
 
     python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=150000 --out_dir=data/teacher_smollm2
+    python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=30000000 --batch_size=256 --device=cuda \
+        --out_dir=data/teacher_smollm2_30m   # for config/convert_smollm2.py, on a GPU
 
 Each batch of --batch_size documents is written to out_dir/chunks/ as soon as it is done (atomically), so an
 interrupted run, started again with the same settings, skips what it has and loses nothing; the same seed writes
-the same text. SmolLM2-135M-Instruct's corpus at the default settings ships in this folder (smollm2.npz: 22 batches,
-159,952 tokens, 218 KB; about 25 minutes of a 2-core CPU at ~106 tokens/s): a run with that teacher and those
-settings starts from it, and writes only what more --tokens asks for. A document is its opening and what the model
+the same text on the same kind of device (a GPU samples with its own random numbers). SmolLM2-135M-Instruct's
+corpus at the default settings ships in this folder (smollm2.npz: 22 batches, 159,952 tokens, 218 KB; about 25
+minutes of a 2-core CPU at ~106 tokens/s): a run with that teacher and those settings starts from it, and writes
+only what more --tokens asks for. A document is its opening and what the model
 wrote after it, up to and including its first end token (or, cut at --max_new_tokens, followed by one). Every 10th
 batch goes to val.bin, the rest to train.bin.
 """
@@ -23,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from configurator import check_device, run_main  # noqa: E402
 from data.common import bpe_meta, id_dtype, stop_ids, text_encoder  # noqa: E402
 from echo.generate import sample_logits  # noqa: E402
 from model import UsageError  # noqa: E402
@@ -79,21 +83,24 @@ def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_
     is fed its own next token instead of a sampled one (no padding, so nothing changes what the model sees)."""
     lengths = [len(p) for p in prompts]
     B, start, total = len(prompts), min(lengths), max(lengths) + max_new_tokens
+    device = model.tok_embeddings.weight.device  # every tensor below lives where the model does
     ids = torch.zeros(B, total, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p)
-    in_prompt = torch.arange(total)[None] < torch.tensor(lengths)[:, None]               # (B, total)
+    ids = ids.to(device)
+    in_prompt = torch.arange(total, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # (B,total)
     model.setup_cache(B, total)
-    stop_t, done = torch.tensor(stop or [-1]), torch.zeros(B, dtype=torch.bool)
-    logits = model(ids[:, :start], input_pos=torch.arange(start))[0][:, -1]              # (B, V)
+    stop_t, done = torch.tensor(stop or [-1], device=device), torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(ids[:, :start], input_pos=torch.arange(start, device=device))[0][:, -1]  # (B, V)
     for t in range(start, total):
         token = torch.where(in_prompt[:, t], ids[:, t], sample_logits(logits, 1.0, None, top_p, vocab_limit)[:, 0])
         ids[:, t] = token
         done |= ~in_prompt[:, t] & torch.isin(token, stop_t)
-        if bool(done.all()) or t == total - 1:
+        if bool(done.all()) or t == total - 1:  # one host sync a token: a batch of 256 rows amortises it
             break
-        logits = model(token[:, None], input_pos=torch.tensor([t]))[0][:, -1]
+        logits = model(token[:, None], input_pos=torch.tensor([t], device=device))[0][:, -1]
     docs = []
+    ids = ids.cpu()
     for i, n in enumerate(lengths):
         row = ids[i, :n + max_new_tokens].tolist()
         end = next((j + 1 for j in range(n, len(row)) if row[j] in stop), None)
@@ -132,12 +139,14 @@ def main(argv):
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--ship", default="", help="also write every batch, with the settings, to this .npz file")
+    p.add_argument("--device", default="cpu", help="where the teacher writes: cpu, cuda, cuda:N or mps")
     args = p.parse_args(argv)
     if args.tokens < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
         raise UsageError("--tokens, --batch_size and --max_new_tokens must be at least 1, --top_p in (0, 1]")
+    check_device(args.device)
     meta = bpe_meta(args.teacher)
     from echo.pretrained import import_pretrained  # after the arguments are checked: loading takes seconds
-    model = import_pretrained(args.teacher).eval()
+    model = import_pretrained(args.teacher).eval().to(args.device)
     chat_tokens = None
     if meta.get("chat_template"):
         from echo.chat import Chat
@@ -201,5 +210,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from configurator import run_main
     run_main(main, sys.argv[1:])
