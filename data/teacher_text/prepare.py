@@ -11,9 +11,9 @@ interrupted run, started again with the same settings, skips what it has and los
 the same text on the same kind of device (a GPU samples with its own random numbers). SmolLM2-135M-Instruct's
 corpus at the default settings ships in this folder (smollm2.npz: 22 batches, 159,952 tokens, 218 KB; about 25
 minutes of a 2-core CPU at ~106 tokens/s): a run with that teacher and those settings starts from it, and writes
-only what more --tokens asks for. A document is its opening and what the model
-wrote after it, up to and including its first end token (or, cut at --max_new_tokens, followed by one). Every 10th
-batch goes to val.bin, the rest to train.bin.
+only what more --tokens asks for. A document is its opening and what the model wrote after it, up to and including
+its first end token (or, cut at --max_new_tokens, followed by one). Every 10th batch goes to val.bin, the rest to
+train.bin.
 """
 import argparse
 import json
