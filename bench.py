@@ -7,7 +7,9 @@
 
 A variant is a kv_share spec ("echo:2"), or "att=SPEC" for attention sharing, or both ("kv=SPEC att=SPEC").
 
-Training (tokens/s, ms/iter, MFU, peak memory) and inference (prefill, cached decode at batch 1 and a
+Training (tokens/s, ms/iter, MFU, peak memory), a conversion step's time split (parts=distill: train.py's step
+with the KD-only loss, the teacher's forward apart from the student's forward and backward and the optimizer's
+step, and an eval batch's forward) and inference (prefill, cached decode at batch 1 and a
 larger batch, short and long context, KV bytes per token, decode bandwidth and MBU) are measured in rounds:
 parts=context decodes with a given number of positions cached; parts=capacity at a fixed KV-cache budget,
 each variant at the largest batch whose cache fits it (K/V sharing's payoff: more sequences in the memory);
@@ -22,6 +24,7 @@ import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass, fields, replace
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -31,7 +34,8 @@ from echo.generate import cache_len, compile_decode_step, generate_tokens, infer
 from echo.checkpoint import config_from_dict
 from model import LLaMA, ModelConfig, UsageError, make_optimizer
 from tools.peer import load_peer, peer_check, peer_decode_at, peer_model, peer_table
-from echo.costs import decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
+from echo.costs import decode_bytes_per_step, kv_cache_bytes, step_flops, training_flops_per_token
+from echo.distill import training_loss
 from echo.measure import Timer, decode_tokens_per_s, device_name, device_peak
 from tools.plotting import plot_capacity, plot_contexts
 
@@ -58,7 +62,7 @@ class BenchConfig(ModelConfig):
     decode_tokens: int = 64
     decode_batch: int = 8         # the "larger batch" for decode
     short_prompt: int = 32        # short context; the long one fills the window
-    parts: str = "train,inference"  # which measurements to run: train, inference, context, capacity, peer
+    parts: str = "train,inference"  # which measurements to run: train, distill, inference, context, capacity, peer
     contexts: str = "256,512,1024,2048,4096"  # parts=context, capacity: decode with this many positions cached
     cache_budget: str = "0.25,0.5,1"  # parts=capacity: KV-cache budgets in GiB (comma-separated, fractions allowed)
     plot: str = ""                # parts=context or capacity: write its figure to this PNG
@@ -149,6 +153,34 @@ class Variant:
                 times.append(t.seconds * 1000)
         return statistics.median(times)
 
+    def distill_ms(self, teacher, warmup, steps):
+        """Median ms of a conversion step's parts at batch_size, as train.py runs it with the KD-only loss: the
+        teacher's forward alone; the step's forward and backward (training_loss, the teacher's forward inside);
+        the optimizer's step; and the student's no-grad forward on one batch, as an eval runs it."""
+        cfg, kd_only = self.cfg, SimpleNamespace(distill_alpha=1.0, distill_hidden=0.0, distill_temperature=1.0)
+        optimizer = make_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99))
+        x, y = self.tokens(cfg.batch_size, cfg.block_size), self.tokens(cfg.batch_size, cfg.block_size)
+        autocast = precision(cfg.device, cfg.dtype)[1]
+        parts = {"distill_teacher_ms": [], "distill_fwd_bwd_ms": [], "distill_optimizer_ms": [], "eval_forward_ms": []}
+        for i in range(warmup + steps):
+            with Timer(cfg.device) as teacher_t, torch.no_grad(), autocast:
+                teacher(x, all_logits=True)
+            with Timer(cfg.device) as fwd_bwd:
+                with autocast:
+                    loss = training_loss(self.train_fn, x, y, kd_only, teacher)[0]
+                loss.backward()
+            with Timer(cfg.device) as step:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+            with Timer(cfg.device) as evaluation, torch.no_grad(), autocast:
+                self.train_fn(x, y)
+            self.model.train()
+            if i >= warmup:
+                for key, t in zip(parts, (teacher_t, fwd_bwd, step, evaluation)):
+                    parts[key].append(t.seconds * 1000)
+        return {key: statistics.median(times) for key, times in parts.items()}
+
     @torch.no_grad()
     def generation(self, batch, prompt_len):
         """(prefill tokens/s, cached decode tokens/s) for a batch of prompt_len-token prompts."""
@@ -207,8 +239,8 @@ def run(cfg):
     cuda = "cuda" in cfg.device
     dtype = precision(cfg.device, cfg.dtype)[0]
     parts = {p.strip() for p in cfg.parts.split(",")}
-    if not parts or parts - {"train", "inference", "context", "capacity", "peer"}:
-        raise UsageError(f"parts={cfg.parts!r}: expected train, inference, context, capacity and/or peer, "
+    if not parts or parts - {"train", "distill", "inference", "context", "capacity", "peer"}:
+        raise UsageError(f"parts={cfg.parts!r}: expected train, distill, inference, context, capacity and/or peer, "
                          f"comma-separated")
     decode_contexts = context_list(cfg) if parts & {"context", "capacity", "peer"} else []
     peer_module = load_peer(cfg.peer) if "peer" in parts else None
@@ -218,7 +250,7 @@ def run(cfg):
     if cfg.plot and len(parts & {"context", "capacity"}) != 1:
         raise UsageError("--plot draws the context or the capacity measurements: give one of --parts=context "
                          "or --parts=capacity")
-    if cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
+    if "inference" in parts and cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
         raise UsageError(f"short_prompt + decode_tokens = {cfg.short_prompt + cfg.decode_tokens} "
                          f"exceeds block_size={cfg.block_size}")
     variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
@@ -226,17 +258,24 @@ def run(cfg):
     long_prompt = cfg.block_size - cfg.decode_tokens  # the long context fills the window
     contexts = [("short", cfg.short_prompt)] + ([("long", long_prompt)] if long_prompt > cfg.short_prompt else [])
 
+    teacher = None
+    if "distill" in parts:  # the unconverted model of the same shape, frozen, as train.py's default teacher
+        teacher = LLaMA(replace(variants[0].model.config, kv_share="none", att_share="none"))
+        teacher.eval().requires_grad_(False).to(cfg.device)
+        teacher = torch.compile(teacher) if cfg.compile else teacher
+
     def turn(v, measure):
         """Run one variant's measurements with its model on the device, then park it."""
         v.model.to(cfg.device)
-        if measure is not train_round:  # inference runs in the model dtype and layout, as sample.py does
+        if measure not in (train_round, distill_round):  # inference in the model dtype and layout, as sample.py
             inference_layout(v.model.to(dtype))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for key, value in measure(v).items():
             samples[v.spec].setdefault(key, []).append(value)
         if cuda:  # training and inference peaks apart: one figure mixing both would mean neither
-            key = "train_peak_memory_gib" if measure is train_round else "inference_peak_memory_gib"
+            key = {train_round: "train_peak_memory_gib", distill_round: "distill_peak_memory_gib"}.get(
+                measure, "inference_peak_memory_gib")
             samples[v.spec].setdefault(key, []).append(torch.cuda.max_memory_allocated() / 2**30)
         v.model.float().to("cpu")
         v.model.kv_cache = None  # free it before the next variant's turn
@@ -245,6 +284,9 @@ def run(cfg):
 
     def train_round(v):
         return {"train_ms_per_iter": v.train_ms(cfg.batch_size, cfg.warmup_steps, cfg.train_steps)}
+
+    def distill_round(v):
+        return v.distill_ms(teacher, cfg.warmup_steps, cfg.train_steps)
 
     def inference_round(v):
         out = {}
@@ -286,7 +328,7 @@ def run(cfg):
     if peer_module:  # before any timing: the same weights must give the same greedy tokens in both
         samples["none"]["peer_check"] = [peer_check(inference_layout(variants[0].model.to(cfg.device)), peer_module)]
         variants[0].model.to("cpu").kv_cache = None
-    for measure in (train_round, inference_round, context_round, capacity_round, peer_round):
+    for measure in (train_round, distill_round, inference_round, context_round, capacity_round, peer_round):
         if measure.__name__.split("_")[0] not in parts:
             continue
         name = measure.__name__.replace("_", " ")
@@ -317,6 +359,14 @@ def run(cfg):
             r.update({"train_tok_s": tok_s, "flops_per_token": flops, "baseline_flops_per_token": base_flops,
                       "mfu": flops * tok_s / peak_flops if peak_flops else None,
                       "mfu_baseline_flops": base_flops * tok_s / peak_flops if peak_flops else None})
+        if "distill" in parts:  # the student's forward and backward: the step's, less the teacher's forward
+            step_ms = r["distill_fwd_bwd_ms"] + r["distill_optimizer_ms"]
+            tok_s = cfg.batch_size * cfg.block_size / (step_ms / 1000)
+            flops = step_flops(v.model, teacher, cfg.block_size)
+            r.update({"distill_student_ms": r["distill_fwd_bwd_ms"] - r["distill_teacher_ms"],
+                      "distill_step_ms": step_ms, "distill_teacher_share": r["distill_teacher_ms"] / step_ms,
+                      "distill_tok_s": tok_s, "distill_flops_per_token": flops,
+                      "distill_mfu": flops * tok_s / peak_flops if peak_flops else None})
         for batch in dict.fromkeys((1, cfg.decode_batch)) if "inference" in parts else ():
             for context, prompt in contexts:
                 # each step reads the weights and the whole cache slots it attends over (the mask hides, not skips)
@@ -381,7 +431,12 @@ def table(results, cfg, peaks):
             ("MFU % (own FLOPs)", "mfu", 100), ("MFU % (baseline FLOPs)", "mfu_baseline_flops", 100),
             ("train FLOPs/token (G)", "flops_per_token", 1e-9), ("train peak memory GiB", "train_peak_memory_gib", 1),
             ("max micro-batch", "max_micro_batch", 1), ("KV-cache bytes/token", "kv_bytes_per_token", 1),
-            ("inference peak mem GiB", "inference_peak_memory_gib", 1)]
+            ("inference peak mem GiB", "inference_peak_memory_gib", 1),
+            ("KD step ms", "distill_step_ms", 1), ("KD: teacher forward ms", "distill_teacher_ms", 1),
+            ("KD: student fwd+bwd ms", "distill_student_ms", 1), ("KD: optimizer ms", "distill_optimizer_ms", 1),
+            ("KD: teacher share %", "distill_teacher_share", 100), ("KD step tok/s", "distill_tok_s", 1),
+            ("KD step MFU %", "distill_mfu", 100), ("KD peak memory GiB", "distill_peak_memory_gib", 1),
+            ("eval forward ms/batch", "eval_forward_ms", 1)]
     for k in base:
         if k.startswith("prefill_tok_s_"):
             name = k[len("prefill_tok_s_"):]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import variant_sharing
 from conftest import ROOT
@@ -115,3 +116,49 @@ def test_decode_at_a_fixed_cache_budget(tmp_path):
                        ("--parts=context,capacity", "--plot draws the context or the capacity measurements")]:
         r = subprocess.run([*args[:3], "--contexts=9", bad, f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 1 and r.stderr.strip().startswith(f"error: {match}"), r.stderr
+
+
+def test_conversion_step_split(tmp_path):
+    """parts=distill: a conversion step timed in parts, as train.py runs it with the KD-only loss. The teacher
+    is the unconverted model (its forward counted in the step's FLOPs as a third of its training step's); the
+    student's share is the step's forward and backward less the teacher's forward; only this part is run."""
+    out = tmp_path / "distill.json"
+    r = subprocess.run([sys.executable, "bench.py", "--parts=distill", "--rounds=1", "--train_steps=2",
+                        "--warmup_steps=1", "--block_size=48", "--variants=none;echo:3;att=0,1,1,3,3,5,6,6",
+                        f"--json={out}"], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    cfg = report["config"]
+    shape = ModelConfig(**{k: cfg[k] for k in ModelConfig.__dataclass_fields__ if not k.endswith("_share")})
+    teacher_flops = training_flops_per_token(shape, 48) / 3
+    for spec, res in report["results"].items():
+        step = res["distill_fwd_bwd_ms"] + res["distill_optimizer_ms"]
+        assert res["distill_step_ms"] == pytest.approx(step)
+        assert res["distill_student_ms"] == pytest.approx(res["distill_fwd_bwd_ms"] - res["distill_teacher_ms"])
+        assert res["distill_teacher_share"] == pytest.approx(res["distill_teacher_ms"] / step)
+        assert res["distill_tok_s"] == pytest.approx(8 * 48 / (step / 1000))
+        student = ModelConfig(**{**shape.__dict__, **variant_sharing(spec)})
+        assert res["distill_flops_per_token"] == pytest.approx(training_flops_per_token(student, 48) + teacher_flops)
+        assert res["distill_mfu"] == pytest.approx(res["distill_flops_per_token"] * res["distill_tok_s"]
+                                                   / report["peaks"]["peak_flops"])
+        assert res["eval_forward_ms"] > 0 and "train_tok_s" not in res and "decode_tok_s_b1_short" not in res
+    assert "KD: teacher share %" in r.stdout and "KD: student fwd+bwd ms" in r.stdout
+
+
+def test_conversion_step_is_the_training_step():
+    """What parts=distill times is a real KD step: the teacher's forward returns every position's logits (once
+    alone, once inside training_loss), the student learns (its weights move) and is left in training mode."""
+    import bench
+    cfg = bench.parse(["--block_size=24", "--n_layer=4", "--variants=echo:2"])
+    variant = bench.Variant(cfg, "echo:2")
+    teacher = bench.LLaMA(ModelConfig(**{**variant.model.config.__dict__, "kv_share": "none"})).eval()
+    calls = []
+    forward = teacher.forward
+    teacher.forward = lambda x, *a, **kw: calls.append(kw.get("all_logits")) or forward(x, *a, **kw)
+    before = [p.detach().clone() for p in variant.model.parameters()]
+    parts = variant.distill_ms(teacher, warmup=1, steps=2)
+    assert calls == [True] * 6 and set(parts) == {"distill_teacher_ms", "distill_fwd_bwd_ms",
+                                                   "distill_optimizer_ms", "eval_forward_ms"}
+    assert all(not torch.equal(a, b) for a, b in zip(before, variant.model.parameters()))
+    assert variant.model.training and not any(p.grad is not None for p in variant.model.parameters())
