@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from bench import variant_sharing
+from bench import Variant, parse, variant_sharing
 from conftest import ROOT
-from model import ModelConfig
+from model import LLaMA, ModelConfig
 from echo.costs import decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
 
 
@@ -144,15 +144,18 @@ def test_conversion_step_split(tmp_path):
                                                    / report["peaks"]["peak_flops"])
         assert res["eval_forward_ms"] > 0 and "train_tok_s" not in res and "decode_tok_s_b1_short" not in res
     assert "KD: teacher share %" in r.stdout and "KD: student fwd+bwd ms" in r.stdout
+    # a context too short for the default prompt + decode is fine above (no decoding), one line where decoding runs
+    r = subprocess.run([sys.executable, "bench.py", "--parts=distill,inference", "--block_size=48"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == "error: short_prompt + decode_tokens = 96 exceeds block_size=48"
 
 
 def test_conversion_step_is_the_training_step():
     """What parts=distill times is a real KD step: the teacher's forward returns every position's logits (once
     alone, once inside training_loss), the student learns (its weights move) and is left in training mode."""
-    import bench
-    cfg = bench.parse(["--block_size=24", "--n_layer=4", "--variants=echo:2"])
-    variant = bench.Variant(cfg, "echo:2")
-    teacher = bench.LLaMA(ModelConfig(**{**variant.model.config.__dict__, "kv_share": "none"})).eval()
+    cfg = parse(["--block_size=24", "--n_layer=4", "--variants=echo:2"])
+    variant = Variant(cfg, "echo:2")
+    teacher = LLaMA(ModelConfig(**{**variant.model.config.__dict__, "kv_share": "none"})).eval()
     calls = []
     forward = teacher.forward
     teacher.forward = lambda x, *a, **kw: calls.append(kw.get("all_logits")) or forward(x, *a, **kw)
