@@ -4,7 +4,7 @@
 #   python train.py config/convert_smollm2_cpu.py --init_from=gguf:$SMOL --att_share=echo:7 --out_dir=out-smollm2-att
 # The knobs behind these values are measured in RESULTS.md ("How many layers can share"); 30 iterations of
 # 4 x 128 tokens take about 4 minutes on 2 CPU cores.
-dataset = "teacher_smollm2"        # python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=150000 --out_dir=data/teacher_smollm2
+dataset = "teacher_smollm2"        # python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=155000 --out_dir=data/teacher_smollm2
 eval_datasets = "wikitext2_smollm2"  # python data/wikitext2/prepare.py --tokenizer=gguf:$SMOL --out_dir=data/wikitext2_smollm2
 batch_size = 4
 block_size = 128

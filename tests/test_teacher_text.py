@@ -103,6 +103,36 @@ def test_bad_input_is_one_line(teacher, tmp_path, extra, match):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_a_shipped_corpus_gives_what_tokens_asks_and_a_larger_ask_writes_on_from_it(teacher, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """The corpus shipped beside the script stands in for the batches it holds, but only as many as --tokens asks
+    for: the same --tokens gives the same corpus with or without it, and a larger one writes on after it."""
+    def chunks(out_dir):
+        files = sorted(f for f in os.listdir(out_dir / "chunks") if f.endswith(".bin"))
+        return [(out_dir / "chunks" / f).read_bytes() for f in files]
+
+    fresh = {}
+    for n in (150, 400, 1400):  # fewer batches than shipped, exactly the shipped ones, more
+        ship = f"--ship={tmp_path / 'ship.npz'}" if n == 400 else "--ship="
+        assert prepare(teacher, tmp_path / f"fresh{n}", f"--tokens={n}", ship).returncode == 0
+        fresh[n] = chunks(tmp_path / f"fresh{n}")
+    shipped = np.load(tmp_path / "ship.npz")
+    names = sorted(k for k in shipped.files if k != "settings")
+    assert len(fresh[150]) < len(names) == len(fresh[400]) < len(fresh[1400])
+    marked = {k: (shipped[k] + 1) % 256 for k in names}  # the same lengths, other ids: a restored batch shows
+    np.savez_compressed(tmp_path / "marked.npz", settings=shipped["settings"], **marked)
+    monkeypatch.setattr(teacher_text, "SHIPPED", str(tmp_path / "marked.npz"))
+    for n, reference in fresh.items():
+        out = tmp_path / f"from_ship{n}"
+        teacher_text.main([f"--teacher=gguf:{teacher}", f"--out_dir={out}", "--batch_size=3", "--max_new_tokens=9",
+                           "--seed=7", f"--tokens={n}"])
+        got, k = chunks(out), min(len(reference), len(names))
+        assert f"starting from {k} of the batches shipped" in capsys.readouterr().out
+        assert len(got) == len(reference), (n, len(got), len(reference))
+        assert got[:k] == [marked[name].tobytes() for name in names[:k]]
+        assert got[k:] == reference[k:]  # written on after the shipped batches, as an uninterrupted run writes them
+
+
 def test_other_settings_in_the_same_folder_are_one_line(teacher, tmp_path):
     assert prepare(teacher, tmp_path / "t", "--tokens=30").returncode == 0
     r = prepare(teacher, tmp_path / "t", "--tokens=30", "--max_new_tokens=5")

@@ -2,16 +2,18 @@
 a compressed model's general ability with no outside data): the model continues many varied openings with its
 own sampling, plain-text starts across topics and, for a model with a chat template, requests in that template.
 
-    python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=150000 --out_dir=data/teacher_smollm2
+    python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=155000 --out_dir=data/teacher_smollm2
+    python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=320000 --out_dir=data/teacher_smollm2_320k
     python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=30000000 --batch_size=256 --device=cuda \
         --out_dir=data/teacher_smollm2_30m   # for config/convert_smollm2.py, on a GPU
 
 Each batch of --batch_size documents is written to out_dir/chunks/ as soon as it is done (atomically), so an
 interrupted run, started again with the same settings, skips what it has and loses nothing; the same seed writes
 the same text on the same kind of device (a GPU samples with its own random numbers). SmolLM2-135M-Instruct's
-corpus at the default settings ships in this folder (smollm2.npz: 22 batches, 159,952 tokens, 218 KB; about 25
-minutes of a 2-core CPU at ~106 tokens/s): a run with that teacher and those settings starts from it, and writes
-only what more --tokens asks for. A document is its opening and what the model wrote after it, up to and including
+corpus at the default settings ships in this folder (smollm2.npz: 44 batches, 321,908 tokens, 438 KB; about 70
+minutes of a 2-core CPU at 75-106 tokens/s): a run with that teacher and those settings takes as many of its
+batches as --tokens asks for (the first 22, 159,952 tokens, for 155000; all 44 for 320000), the batches it would
+have written itself, and writes only what more --tokens asks for. A document is its opening and what the model wrote after it, up to and including
 its first end token (or, cut at --max_new_tokens, followed by one). Every 10th batch goes to val.bin, the rest to
 train.bin.
 """
@@ -175,10 +177,13 @@ def main(argv):
 
     shipped = np.load(SHIPPED) if os.path.isfile(SHIPPED) else None
     if shipped is not None and not os.path.exists(chunk(0)) and json.loads(str(shipped["settings"])) == settings:
-        batches = sorted(k for k in shipped.files if k != "settings")
-        for b, name in enumerate(batches):
+        have, b = 0, 0  # only the batches --tokens asks for: the same --tokens gives the same corpus, shipped or not
+        for name in sorted(k for k in shipped.files if k != "settings"):
+            if have >= args.tokens and b >= 2:
+                break
             save_atomic(chunk(b), shipped[name])
-        print(f"starting from the {len(batches)} batches shipped in {os.path.relpath(SHIPPED)} (the same teacher and settings)")
+            have, b = have + len(shipped[name]), b + 1
+        print(f"starting from {b} of the batches shipped in {os.path.relpath(SHIPPED)} (the same teacher and settings)")
 
     have, b = 0, 0
     while os.path.exists(chunk(b)):  # the batches an earlier run finished
