@@ -1,7 +1,8 @@
-# Convert SmolLM2-135M-Instruct on one GPU (24 GB) for the budget the recovery curve asks for: the trend of
-# docs/RESULTS.md ("How much training brings it back?") puts K/V 7 of 30 within 0.10 nats of the original at ~28M
-# tokens, which on 2 CPU cores is days. Write that much fresh teacher text first, on the GPU (the curve's lever is
-# more and more varied text, not more passes over the shipped 160k tokens):
+# Convert SmolLM2-135M-Instruct on one GPU (24 GB) for the budget the recovery curves ask for: in docs/RESULTS.md
+# ("How much training brings it back?") the trend at lr 1e-4 on the 160k-token corpus puts K/V 7 of 30 within 0.10
+# nats of the original at ~28M tokens; at lr 2e-4 on twice that text, 0.10 at ~1.5-3.7M and 0.05 at ~10M: on 2 CPU
+# cores, hours to days. Write 30M tokens of fresh teacher text first, on the GPU (the curves' lever is more and more
+# varied text, not more passes over the shipped 320k tokens):
 #   python data/teacher_text/prepare.py --teacher=gguf:$SMOL --tokens=30000000 --batch_size=256 --device=cuda --out_dir=data/teacher_smollm2_30m
 #   python data/wikitext2/prepare.py --tokenizer=gguf:$SMOL --out_dir=data/wikitext2_smollm2
 #   python train.py config/convert_smollm2.py --init_from=gguf:$SMOL --kv_share=0,1,2,3,4,5,0,0,0,9,10,11,12,13,14,15,16,0,0,19,20,21,0,23,24,25,0,27,28,29 --out_dir=out-smollm2-kv7-30m
