@@ -13,9 +13,9 @@ the same text on the same kind of device (a GPU samples with its own random numb
 corpus at the default settings ships in this folder (smollm2.npz: 44 batches, 321,908 tokens, 438 KB; about 70
 minutes of a 2-core CPU at 75-106 tokens/s): a run with that teacher and those settings takes as many of its
 batches as --tokens asks for (the first 22, 159,952 tokens, for 155000; all 44 for 320000), the batches it would
-have written itself, and writes only what more --tokens asks for. A document is its opening and what the model wrote after it, up to and including
-its first end token (or, cut at --max_new_tokens, followed by one). Every 10th batch goes to val.bin, the rest to
-train.bin.
+have written itself, and writes only what more --tokens asks for. A document is its opening and what the model
+wrote after it, up to and including its first end token (or, cut at --max_new_tokens, followed by one). Every 10th
+batch goes to val.bin, the rest to train.bin.
 """
 import argparse
 import json
@@ -175,11 +175,14 @@ def main(argv):
     def chunk(b):
         return os.path.join(chunks, f"{b:05d}.bin")
 
+    def wants_more(have, b):  # when to stop, restoring or writing: --tokens reached, and a batch for each split
+        return have < args.tokens or b < 2
+
     shipped = np.load(SHIPPED) if os.path.isfile(SHIPPED) else None
     if shipped is not None and not os.path.exists(chunk(0)) and json.loads(str(shipped["settings"])) == settings:
         have, b = 0, 0  # only the batches --tokens asks for: the same --tokens gives the same corpus, shipped or not
         for name in sorted(k for k in shipped.files if k != "settings"):
-            if have >= args.tokens and b >= 2:
+            if not wants_more(have, b):
                 break
             save_atomic(chunk(b), shipped[name])
             have, b = have + len(shipped[name]), b + 1
@@ -189,7 +192,7 @@ def main(argv):
     while os.path.exists(chunk(b)):  # the batches an earlier run finished
         have, b = have + os.path.getsize(chunk(b)) // np.dtype(dtype).itemsize, b + 1
     bar = tqdm(total=args.tokens, initial=min(have, args.tokens), unit="tok", desc="teacher text", smoothing=0.1)
-    while have < args.tokens or b < 2:  # at least one batch for each split
+    while wants_more(have, b):
         torch.manual_seed(args.seed * 1_000_003 + b)
         prompts = openings(b, args.batch_size, args.seed, text_encoder(meta), chat_tokens)
         docs = write_documents(model, prompts, args.max_new_tokens, stop, eot, meta["vocab_size"], args.top_p)
