@@ -5,19 +5,14 @@
     python bench.py --preset=tinyllama --variants="none;echo:11" --find_max_batch=True
     python bench.py --quick --variants="none;echo:2;att=echo:2;att=0,1,1,3,4,4,6,7"
 
-A variant is a kv_share spec ("echo:2"), or "att=SPEC" for attention sharing, or both ("kv=SPEC att=SPEC").
-
-Training (tokens/s, ms/iter, MFU, peak memory), a conversion step's time split (parts=distill: train.py's step
-with the KD-only loss, the teacher's forward apart from the student's forward and backward and the optimizer's
-step, and an eval batch's forward) and inference (prefill, cached decode at batch 1 and a
-larger batch, short and long context, KV bytes per token, decode bandwidth and MBU) are measured in rounds:
-parts=context decodes with a given number of positions cached; parts=capacity at a fixed KV-cache budget,
-each variant at the largest batch whose cache fits it (K/V sharing's payoff: more sequences in the memory);
-parts=peer decodes the plain model beside gpt-fast (--peer=gpt-fast:PATH) with the same weights, after checking
-that both continue a prompt with the same greedy tokens: eager and compiled, kernels per step, over contexts.
-each round runs every variant once, so drift on a noisy machine affects all alike; figures are medians over
-rounds. MFU and MBU are against the datasheet peak of a listed GPU, else against a peak measured here
-(a 2048^2 matmul; a 512 MiB read on a CPU); the table's head says which.
+A variant is a kv_share spec ("echo:2"), "att=SPEC" for attention sharing, or both ("kv=SPEC att=SPEC"). The
+parts (--parts) are measured in rounds, each running every variant once (so a noisy machine's drift affects all
+alike), and reported as medians: train (tokens/s, MFU, peak memory); distill (train.py's conversion step with the
+KD-only loss in parts: the teacher's forward, the student's forward and backward, the optimizer); inference
+(prefill, cached decode at batch 1 and decode_batch, short and long context, bytes read and MBU); context (decode
+with N positions cached); capacity (each variant at the largest batch whose cache fits a budget: K/V sharing's
+payoff); peer (the plain model beside gpt-fast, --peer=gpt-fast:PATH, with our weights and the same greedy tokens
+first). MFU and MBU are against a listed GPU's datasheet peak, else a peak measured here; the table says which.
 """
 import itertools
 import json
@@ -30,14 +25,15 @@ import torch
 from tqdm import tqdm
 
 from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
-from echo.generate import cache_len, compile_decode_step, generate_tokens, inference_layout
 from echo.checkpoint import config_from_dict
-from model import LLaMA, ModelConfig, UsageError, make_optimizer
-from tools.peer import load_peer, peer_check, peer_decode_at, peer_model, peer_table
 from echo.costs import decode_bytes_per_step, kv_cache_bytes, step_flops, training_flops_per_token
 from echo.distill import training_loss
-from echo.measure import Timer, decode_tokens_per_s, device_name, device_peak
-from tools.plotting import plot_capacity, plot_contexts
+from echo.generate import cache_len, inference_layout
+from echo.measure import (Timer, decode_tokens_per_s_at, device_name, device_peak, generation_tokens_per_s,
+                          naive_decode_tokens_per_s)
+from echo.peer import load_peer, peer_check, peer_decode_at, peer_kernels, peer_model, peer_table
+from echo.report import bench_table, plot_capacity, plot_contexts
+from model import LLaMA, ModelConfig, UsageError, make_optimizer
 
 PRESETS = {  # model shape and micro-batch
     "tiny": dict(vocab_size=512, block_size=128, n_layer=8, n_head=4, n_kv_head=4, n_embd=128, batch_size=8),
@@ -123,7 +119,7 @@ def variant_sharing(variant):
 
 
 class Variant:
-    """One sharing variant: its model (parked on the CPU between turns) and compiled forms."""
+    """One sharing variant: its model (parked on the CPU between turns) and, with compile, its compiled form."""
 
     def __init__(self, cfg, spec):
         torch.manual_seed(0)
@@ -136,88 +132,19 @@ class Variant:
         return torch.randint(0, self.cfg.vocab_size, (b, t), device=self.cfg.device)
 
     def train_ms(self, batch_size, warmup, steps):
-        """Median ms per training step (forward, backward, AdamW) at this micro-batch."""
-        cfg = self.cfg
-        optimizer = make_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99))  # train.py's defaults
-        x, y = self.tokens(batch_size, cfg.block_size), self.tokens(batch_size, cfg.block_size)
-        autocast = precision(cfg.device, cfg.dtype)[1]
-        times = []
+        """Median ms per training step (forward, backward, AdamW with train.py's defaults) at this micro-batch."""
+        optimizer = make_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99))
+        x, y = self.tokens(batch_size, self.cfg.block_size), self.tokens(batch_size, self.cfg.block_size)
+        autocast, times = precision(self.cfg.device, self.cfg.dtype)[1], []
         for i in range(warmup + steps):
-            with Timer(cfg.device) as t:
+            with Timer(self.cfg.device) as t:
                 with autocast:
                     loss = self.train_fn(x, y)[1]
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if i >= warmup:
-                times.append(t.seconds * 1000)
+            times += [t.seconds * 1000] if i >= warmup else []
         return statistics.median(times)
-
-    def distill_ms(self, teacher, warmup, steps):
-        """Median ms of a conversion step's parts at batch_size, as train.py runs it with the KD-only loss: the
-        teacher's forward alone; the step's forward and backward (training_loss, the teacher's forward inside);
-        the optimizer's step; and the student's no-grad forward on one batch, as an eval runs it."""
-        cfg, kd_only = self.cfg, SimpleNamespace(distill_alpha=1.0, distill_hidden=0.0, distill_temperature=1.0)
-        optimizer = make_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99))
-        x, y = self.tokens(cfg.batch_size, cfg.block_size), self.tokens(cfg.batch_size, cfg.block_size)
-        autocast = precision(cfg.device, cfg.dtype)[1]
-        parts = {"distill_teacher_ms": [], "distill_fwd_bwd_ms": [], "distill_optimizer_ms": [], "eval_forward_ms": []}
-        for i in range(warmup + steps):
-            with Timer(cfg.device) as teacher_t, torch.no_grad(), autocast:
-                teacher(x, all_logits=True)
-            with Timer(cfg.device) as fwd_bwd:
-                with autocast:
-                    loss = training_loss(self.train_fn, x, y, kd_only, teacher)[0]
-                loss.backward()
-            with Timer(cfg.device) as step:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            self.model.eval()
-            with Timer(cfg.device) as evaluation, torch.no_grad(), autocast:
-                self.train_fn(x, y)
-            self.model.train()
-            if i >= warmup:
-                for key, t in zip(parts, (teacher_t, fwd_bwd, step, evaluation)):
-                    parts[key].append(t.seconds * 1000)
-        return {key: statistics.median(times) for key, times in parts.items()}
-
-    @torch.no_grad()
-    def generation(self, batch, prompt_len):
-        """(prefill tokens/s, cached decode tokens/s) for a batch of prompt_len-token prompts."""
-        prompt = self.tokens(batch, prompt_len)
-        step = None
-        if self.cfg.compile:  # compiled, CUDA graph recorded and replayed once, all before timing
-            step = compile_decode_step(self.model, batch, cache_len(self.model, prompt_len, self.cfg.decode_tokens))
-        run = lambda: generate_tokens(self.model, prompt, self.cfg.decode_tokens, temperature=0,  # noqa: E731
-                                                 step=step)
-        for _ in zip(range(3), run()):  # untimed warm-up on the same cache (allocations, prefill shapes)
-            pass
-        tokens = run()
-        with Timer(self.cfg.device) as prefill:
-            next(tokens)
-        with Timer(self.cfg.device) as decode:
-            for _ in tokens:
-                pass
-        return batch * prompt_len / prefill.seconds, batch * (self.cfg.decode_tokens - 1) / decode.seconds
-
-    @torch.no_grad()
-    def decode_at(self, batch, context, compiled=None):
-        """Decode tokens/s with `context` positions already in the cache. No prefill is run: every step attends
-        over the whole cache (masked), so its work and bytes depend on the cache's length, not its values."""
-        step = self.model
-        if self.cfg.compile if compiled is None else compiled:
-            step = compile_decode_step(self.model, batch, context + self.cfg.decode_tokens)
-        self.model.setup_cache(batch, context + self.cfg.decode_tokens)
-        return decode_tokens_per_s(step, self.tokens(batch, 1), context, self.cfg.decode_tokens, self.cfg.device)
-
-    @torch.no_grad()
-    def naive_decode(self, prompt_len):
-        """Tokens/s at batch 1 when each new token recomputes the whole context (how nanoGPT samples)."""
-        idx = self.tokens(1, prompt_len)
-        with Timer(self.cfg.device) as t:
-            for _ in range(self.cfg.decode_tokens):
-                idx = torch.cat((idx, self.model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
-        return self.cfg.decode_tokens / t.seconds
 
     def max_batch(self):
         """Largest micro-batch, doubling from batch_size, whose training step fits in GPU memory."""
@@ -233,166 +160,218 @@ class Variant:
         return fits
 
 
-def run(cfg):
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch._dynamo.config.cache_size_limit = 64  # every variant compiles the same forward: allow the recompiles
+# ----------------------------------------------------------------------------------------------------
+# The parts: each measures one variant once (a round) and returns {figure: value}; the medians over rounds come
+# later. `setup` holds what the parts share: the dtype, batches, prompts, contexts, cache budgets, teacher, peer.
+
+def measure_train(v, cfg, setup):
+    return {"train_ms_per_iter": v.train_ms(cfg.batch_size, cfg.warmup_steps, cfg.train_steps)}
+
+
+def measure_distill(v, cfg, setup):
+    """Median ms of a conversion step's parts, as train.py runs it with the KD-only loss: the teacher's forward
+    alone; the step's forward and backward (training_loss, the teacher's forward inside); the optimizer's step;
+    and the student's no-grad forward on one batch, as an eval runs it."""
+    kd_only = SimpleNamespace(distill_alpha=1.0, distill_hidden=0.0, distill_temperature=1.0)
+    optimizer = make_optimizer(v.model, 1e-3, 0.1, (0.9, 0.99))
+    x, y = v.tokens(cfg.batch_size, cfg.block_size), v.tokens(cfg.batch_size, cfg.block_size)
+    autocast = precision(cfg.device, cfg.dtype)[1]
+    parts = {"distill_teacher_ms": [], "distill_fwd_bwd_ms": [], "distill_optimizer_ms": [], "eval_forward_ms": []}
+    for i in range(cfg.warmup_steps + cfg.train_steps):
+        with Timer(cfg.device) as teacher_t, torch.no_grad(), autocast:
+            setup.teacher(x, all_logits=True)
+        with Timer(cfg.device) as fwd_bwd:
+            with autocast:
+                loss = training_loss(v.train_fn, x, y, kd_only, setup.teacher)[0]
+            loss.backward()
+        with Timer(cfg.device) as step:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        v.model.eval()
+        with Timer(cfg.device) as evaluation, torch.no_grad(), autocast:
+            v.train_fn(x, y)
+        v.model.train()
+        for key, t in zip(parts, (teacher_t, fwd_bwd, step, evaluation)):
+            parts[key] += [t.seconds * 1000] if i >= cfg.warmup_steps else []
+    return {key: statistics.median(times) for key, times in parts.items()}
+
+
+def measure_inference(v, cfg, setup):
+    out = {}
+    for batch, (context, prompt) in itertools.product(setup.batches, setup.prompts):
+        out[f"prefill_tok_s_b{batch}_{context}"], out[f"decode_tok_s_b{batch}_{context}"] = generation_tokens_per_s(
+            v.model, v.tokens(batch, prompt), cfg.decode_tokens, cfg.compile)
+    if cfg.naive:
+        out["naive_decode_tok_s_b1_short"] = naive_decode_tokens_per_s(v.model, v.tokens(1, cfg.short_prompt),
+                                                                       cfg.decode_tokens)
+    return out
+
+
+def measure_context(v, cfg, setup):
+    return {f"ctx_decode_tok_s_b{batch}_{c}": decode_tokens_per_s_at(v.model, batch, c, cfg.decode_tokens, cfg.compile)
+            for batch, c in itertools.product(setup.batches, setup.contexts)}
+
+
+def measure_capacity(v, cfg, setup):
+    out = {}
+    for gib, c in itertools.product(setup.budgets, setup.contexts):
+        batch = out[f"cap_batch_{gib}_{c}"] = capacity(v.model.config, gib, c + cfg.decode_tokens, setup.dtype.itemsize)
+        out[f"cap_tok_s_{gib}_{c}"] = (decode_tokens_per_s_at(v.model, batch, c, cfg.decode_tokens, cfg.compile)
+                                       if batch else 0.0)
+        v.model.kv_cache = None  # the next budget's cache is another size
+    return out
+
+
+def measure_peer(v, cfg, setup):
+    """The plain model and gpt-fast with its weights: eager and compiled, each compiled afresh for every shape."""
+    if v.spec != "none":
+        return {}
+    peer, out = peer_model(setup.peer, v.model), {}
+    for batch, c, mode in itertools.product(setup.batches, setup.contexts, ("eager", "compiled")):
+        torch._dynamo.reset()  # one static graph per shape for both, never a dynamic-shape one
+        out[f"peer_ours_{mode}_b{batch}_{c}"] = decode_tokens_per_s_at(v.model, batch, c, cfg.decode_tokens,
+                                                                       mode == "compiled")
+        out[f"peer_gptfast_{mode}_b{batch}_{c}"] = peer_decode_at(peer, batch, c, cfg.decode_tokens, mode == "compiled")
+    return out
+
+
+PARTS = {"train": measure_train, "distill": measure_distill, "inference": measure_inference,
+         "context": measure_context, "capacity": measure_capacity, "peer": measure_peer}
+
+
+def turn(v, part, cfg, setup, samples):
+    """One variant's measurements of a part, with its model on the device (in the inference layout and the run's
+    dtype for inference, as sample.py decodes), then parked on the CPU."""
     cuda = "cuda" in cfg.device
-    dtype = precision(cfg.device, cfg.dtype)[0]
-    parts = {p.strip() for p in cfg.parts.split(",")}
-    if not parts or parts - {"train", "distill", "inference", "context", "capacity", "peer"}:
+    v.model.to(cfg.device)
+    if part not in ("train", "distill"):
+        inference_layout(v.model.to(setup.dtype))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for key, value in PARTS[part](v, cfg, setup).items():
+        samples[v.spec].setdefault(key, []).append(value)
+    if cuda:  # training and inference peaks apart: one figure mixing both would mean neither
+        key = f"{part}_peak_memory_gib" if part in ("train", "distill") else "inference_peak_memory_gib"
+        samples[v.spec].setdefault(key, []).append(torch.cuda.max_memory_allocated() / 2**30)
+    v.model.float().to("cpu")
+    v.model.kv_cache = None  # free it before the next variant's turn
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the medians mean: tokens/s, FLOPs and MFU, bytes and MBU, each from the counts of echo/costs.py
+
+def train_figures(r, v, cfg, setup, peaks):
+    tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)
+    flops, base = (training_flops_per_token(c, cfg.block_size)
+                   for c in (v.model.config, replace(v.model.config, kv_share="none", att_share="none")))
+    mfu = (lambda f: f * tok_s / peaks["peak_flops"] if peaks["peak_flops"] else None)  # noqa: E731
+    return {"train_tok_s": tok_s, "flops_per_token": flops, "baseline_flops_per_token": base, "mfu": mfu(flops),
+            "mfu_baseline_flops": mfu(base)}
+
+
+def distill_figures(r, v, cfg, setup, peaks):
+    """The student's forward and backward: the step's, less the teacher's forward."""
+    step_ms = r["distill_fwd_bwd_ms"] + r["distill_optimizer_ms"]
+    tok_s = cfg.batch_size * cfg.block_size / (step_ms / 1000)
+    flops = step_flops(v.model, setup.teacher, cfg.block_size)
+    return {"distill_student_ms": r["distill_fwd_bwd_ms"] - r["distill_teacher_ms"], "distill_step_ms": step_ms,
+            "distill_teacher_share": r["distill_teacher_ms"] / step_ms, "distill_tok_s": tok_s,
+            "distill_flops_per_token": flops,
+            "distill_mfu": flops * tok_s / peaks["peak_flops"] if peaks["peak_flops"] else None}
+
+
+def decode_figures(r, v, cfg, setup, peaks):
+    """Bytes per token, GB/s and MBU of each decode measurement: a step reads the weights and the whole cache slots
+    it attends over (the mask hides positions, it does not skip them)."""
+    out = {}
+    per_token = lambda batch, positions: decode_bytes_per_step(  # noqa: E731
+        v.model.config, batch, positions, setup.dtype.itemsize) / batch
+    mbu = lambda b, tok_s: b * tok_s / peaks["peak_bytes"] if peaks["peak_bytes"] else None  # noqa: E731
+    for batch, (context, prompt) in itertools.product(setup.batches, setup.prompts):
+        name = f"b{batch}_{context}"
+        if f"decode_tok_s_{name}" in r:
+            b, tok_s = per_token(batch, cache_len(v.model, prompt, cfg.decode_tokens)), r[f"decode_tok_s_{name}"]
+            out |= {f"decode_bytes_per_token_{name}": b, f"decode_gb_s_{name}": b * tok_s / 1e9,
+                    f"decode_mbu_{name}": mbu(b, tok_s)}
+    for batch, c in itertools.product(setup.batches, setup.contexts):
+        b = per_token(batch, c + cfg.decode_tokens)
+        if f"ctx_decode_tok_s_b{batch}_{c}" in r:
+            out[f"ctx_decode_gb_s_b{batch}_{c}"] = b * r[f"ctx_decode_tok_s_b{batch}_{c}"] / 1e9
+        for run in (f"{impl}_{mode}_b{batch}_{c}" for impl in ("ours", "gptfast") for mode in ("eager", "compiled")):
+            if f"peer_{run}" in r:  # both read the same weights and cache: the MBU of each against one limit
+                out[f"peer_mbu_{run}"] = mbu(b, r[f"peer_{run}"])
+    return out
+
+
+def check_parts(cfg):
+    """The parts asked for, and one line for settings they cannot run with."""
+    parts = [p for p in PARTS if p in {p.strip() for p in cfg.parts.split(",")}]
+    if not parts or {p.strip() for p in cfg.parts.split(",")} - set(PARTS):
         raise UsageError(f"parts={cfg.parts!r}: expected train, distill, inference, context, capacity and/or peer, "
                          f"comma-separated")
-    decode_contexts = context_list(cfg) if parts & {"context", "capacity", "peer"} else []
-    peer_module = load_peer(cfg.peer) if "peer" in parts else None
-    if peer_module and variant_specs(cfg)[0] != "none":
+    if "peer" in parts and variant_specs(cfg)[0] != "none":
         raise UsageError("parts=peer compares the plain model: make 'none' the first variant")
-    budgets = budget_list(cfg) if "capacity" in parts else []
-    if cfg.plot and len(parts & {"context", "capacity"}) != 1:
+    if cfg.plot and len(set(parts) & {"context", "capacity"}) != 1:
         raise UsageError("--plot draws the context or the capacity measurements: give one of --parts=context "
                          "or --parts=capacity")
     if "inference" in parts and cfg.short_prompt + cfg.decode_tokens > cfg.block_size:
         raise UsageError(f"short_prompt + decode_tokens = {cfg.short_prompt + cfg.decode_tokens} "
                          f"exceeds block_size={cfg.block_size}")
+    return parts
+
+
+def run(cfg):
+    """Every part asked for, in rounds over the variants; then (results per variant, the peaks used)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # every variant compiles the same forward: allow the recompiles
+    parts = check_parts(cfg)
+    long_prompt = cfg.block_size - cfg.decode_tokens  # the long context fills the window
+    setup = SimpleNamespace(
+        dtype=precision(cfg.device, cfg.dtype)[0], batches=list(dict.fromkeys((1, cfg.decode_batch))),
+        prompts=[("short", cfg.short_prompt)] + ([("long", long_prompt)] if long_prompt > cfg.short_prompt else []),
+        contexts=context_list(cfg) if {"context", "capacity", "peer"} & set(parts) else [],
+        budgets=budget_list(cfg) if "capacity" in parts else [],
+        peer=load_peer(cfg.peer) if "peer" in parts else None, teacher=None)
     variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
     samples = {v.spec: {} for v in variants}
-    long_prompt = cfg.block_size - cfg.decode_tokens  # the long context fills the window
-    contexts = [("short", cfg.short_prompt)] + ([("long", long_prompt)] if long_prompt > cfg.short_prompt else [])
-
-    teacher = None
     if "distill" in parts:  # the unconverted model of the same shape, frozen, as train.py's default teacher
         teacher = LLaMA(replace(variants[0].model.config, kv_share="none", att_share="none"))
         teacher.eval().requires_grad_(False).to(cfg.device)
-        teacher = torch.compile(teacher) if cfg.compile else teacher
-
-    def turn(v, measure):
-        """Run one variant's measurements with its model on the device, then park it."""
-        v.model.to(cfg.device)
-        if measure not in (train_round, distill_round):  # inference in the model dtype and layout, as sample.py
-            inference_layout(v.model.to(dtype))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        for key, value in measure(v).items():
-            samples[v.spec].setdefault(key, []).append(value)
-        if cuda:  # training and inference peaks apart: one figure mixing both would mean neither
-            key = {train_round: "train_peak_memory_gib", distill_round: "distill_peak_memory_gib"}.get(
-                measure, "inference_peak_memory_gib")
-            samples[v.spec].setdefault(key, []).append(torch.cuda.max_memory_allocated() / 2**30)
-        v.model.float().to("cpu")
-        v.model.kv_cache = None  # free it before the next variant's turn
-        if cuda:
-            torch.cuda.empty_cache()
-
-    def train_round(v):
-        return {"train_ms_per_iter": v.train_ms(cfg.batch_size, cfg.warmup_steps, cfg.train_steps)}
-
-    def distill_round(v):
-        return v.distill_ms(teacher, cfg.warmup_steps, cfg.train_steps)
-
-    def inference_round(v):
-        out = {}
-        for batch in dict.fromkeys((1, cfg.decode_batch)):
-            for context, prompt in contexts:
-                name = f"b{batch}_{context}"
-                out[f"prefill_tok_s_{name}"], out[f"decode_tok_s_{name}"] = v.generation(batch, prompt)
-        if cfg.naive:
-            out["naive_decode_tok_s_b1_short"] = v.naive_decode(cfg.short_prompt)
-        return out
-
-    def context_round(v):
-        return {f"ctx_decode_tok_s_b{batch}_{c}": v.decode_at(batch, c)
-                for batch in dict.fromkeys((1, cfg.decode_batch)) for c in decode_contexts}
-
-    def peer_round(v):  # the plain model and gpt-fast with its weights: eager and compiled, each compiled afresh
-        if v.spec != "none":
-            return {}
-        peer, out = peer_model(peer_module, v.model), {}
-        for batch in dict.fromkeys((1, cfg.decode_batch)):
-            for c in decode_contexts:
-                for mode in ("eager", "compiled"):
-                    torch._dynamo.reset()  # one static graph per shape for both, never a dynamic-shape one
-                    out[f"peer_ours_{mode}_b{batch}_{c}"] = v.decode_at(batch, c, compiled=mode == "compiled")
-                    out[f"peer_gptfast_{mode}_b{batch}_{c}"] = peer_decode_at(peer, batch, c, cfg.decode_tokens,
-                                                                              mode == "compiled")
-        return out
-
-    def capacity_round(v):
-        out = {}
-        for gib in budgets:
-            for c in decode_contexts:
-                batch = capacity(v.model.config, gib, c + cfg.decode_tokens, dtype.itemsize)
-                out[f"cap_batch_{gib}_{c}"] = batch
-                out[f"cap_tok_s_{gib}_{c}"] = v.decode_at(batch, c) if batch else 0.0
-                v.model.kv_cache = None  # the next budget's cache is another size
-        return out
-
-    if peer_module:  # before any timing: the same weights must give the same greedy tokens in both
-        samples["none"]["peer_check"] = [peer_check(inference_layout(variants[0].model.to(cfg.device)), peer_module)]
+        setup.teacher = torch.compile(teacher) if cfg.compile else teacher
+    if setup.peer:  # before any timing: the same weights must give the same greedy tokens in both
+        model = inference_layout(variants[0].model.to(cfg.device))
+        samples["none"]["peer_check"] = [{"tokens_identical": peer_check(model, setup.peer),
+                                          "kernels": peer_kernels(model, setup.peer)}]
         variants[0].model.to("cpu").kv_cache = None
-    for measure in (train_round, distill_round, inference_round, context_round, capacity_round, peer_round):
-        if measure.__name__.split("_")[0] not in parts:
-            continue
-        name = measure.__name__.replace("_", " ")
-        # on a terminal a progress bar over rounds x variants; piped, one line per round
-        bar = tqdm(total=cfg.rounds * len(variants), desc=name + "s", unit="turn") if sys.stderr.isatty() else None
+    for part in parts:  # a round runs every variant once, so drift on a noisy machine affects all alike
+        bar = tqdm(total=cfg.rounds * len(variants), desc=part, unit="turn") if sys.stderr.isatty() else None
         for r in range(cfg.rounds):
-            if not bar:
-                print(f"{name} {r + 1}/{cfg.rounds}", file=sys.stderr)
+            if not bar:  # piped: one line per round
+                print(f"{part} round {r + 1}/{cfg.rounds}", file=sys.stderr)
             for v in variants:
-                turn(v, measure)
+                turn(v, part, cfg, setup, samples)
                 if bar:
                     bar.update(1)
         if bar:
             bar.close()
-
-    peak_flops, flops_label = device_peak("flops", cfg.device, dtype, cfg.peak_flops)
-    peak_bytes, bytes_label = device_peak("bytes", cfg.device, dtype, cfg.peak_bytes)
-    base_flops = training_flops_per_token(replace(variants[0].model.config, kv_share="none", att_share="none"),
-                                          cfg.block_size)
+    peaks = dict(zip(("peak_flops", "flops"), device_peak("flops", cfg.device, setup.dtype, cfg.peak_flops)))
+    peaks |= dict(zip(("peak_bytes", "bytes"), device_peak("bytes", cfg.device, setup.dtype, cfg.peak_bytes)))
     results = {}
     for v in variants:
         r = {k: statistics.median(vals) if k != "peer_check" else vals[0] for k, vals in samples[v.spec].items()}
-        r.update({"kv_sources": v.model.kv_sources, "att_sources": v.model.att_sources, "params": v.model.num_params(),
-                  "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, dtype.itemsize)})
-        if "train" in parts:
-            tok_s = cfg.batch_size * cfg.block_size / (r["train_ms_per_iter"] / 1000)
-            flops = training_flops_per_token(v.model.config, cfg.block_size)
-            r.update({"train_tok_s": tok_s, "flops_per_token": flops, "baseline_flops_per_token": base_flops,
-                      "mfu": flops * tok_s / peak_flops if peak_flops else None,
-                      "mfu_baseline_flops": base_flops * tok_s / peak_flops if peak_flops else None})
-        if "distill" in parts:  # the student's forward and backward: the step's, less the teacher's forward
-            step_ms = r["distill_fwd_bwd_ms"] + r["distill_optimizer_ms"]
-            tok_s = cfg.batch_size * cfg.block_size / (step_ms / 1000)
-            flops = step_flops(v.model, teacher, cfg.block_size)
-            r.update({"distill_student_ms": r["distill_fwd_bwd_ms"] - r["distill_teacher_ms"],
-                      "distill_step_ms": step_ms, "distill_teacher_share": r["distill_teacher_ms"] / step_ms,
-                      "distill_tok_s": tok_s, "distill_flops_per_token": flops,
-                      "distill_mfu": flops * tok_s / peak_flops if peak_flops else None})
-        for batch in dict.fromkeys((1, cfg.decode_batch)) if "inference" in parts else ():
-            for context, prompt in contexts:
-                # each step reads the weights and the whole cache slots it attends over (the mask hides, not skips)
-                name = f"b{batch}_{context}"
-                step_bytes = decode_bytes_per_step(v.model.config, batch,
-                                                   cache_len(v.model, prompt, cfg.decode_tokens), dtype.itemsize)
-                r[f"decode_bytes_per_token_{name}"] = step_bytes / batch
-                r[f"decode_gb_s_{name}"] = step_bytes / batch * r[f"decode_tok_s_{name}"] / 1e9
-                r[f"decode_mbu_{name}"] = r[f"decode_gb_s_{name}"] * 1e9 / peak_bytes if peak_bytes else None
-        for batch in dict.fromkeys((1, cfg.decode_batch)) if "context" in parts else ():
-            for c in decode_contexts:  # a step reads the weights and each layer's K and V over the whole cache
-                step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
-                r[f"ctx_decode_gb_s_b{batch}_{c}"] = step_bytes / batch * r[f"ctx_decode_tok_s_b{batch}_{c}"] / 1e9
-        for batch in dict.fromkeys((1, cfg.decode_batch)) if "peer" in parts and v.spec == "none" else ():
-            for c in decode_contexts:  # both read the same weights and cache: MBU of each against one limit
-                step_bytes = decode_bytes_per_step(v.model.config, batch, c + cfg.decode_tokens, dtype.itemsize)
-                for impl, mode in itertools.product(("ours", "gptfast"), ("eager", "compiled")):
-                    run = f"{impl}_{mode}_b{batch}_{c}"
-                    r[f"peer_mbu_{run}"] = step_bytes / batch * r[f"peer_{run}"] / peak_bytes if peak_bytes else None
-        if cfg.find_max_batch and cuda and "train" in parts:
+        r |= {"kv_sources": v.model.kv_sources, "att_sources": v.model.att_sources, "params": v.model.num_params(),
+              "kv_bytes_per_token": kv_cache_bytes(v.model.config, 1, 1, setup.dtype.itemsize)}
+        r |= train_figures(r, v, cfg, setup, peaks) if "train" in parts else {}
+        r |= distill_figures(r, v, cfg, setup, peaks) if "distill" in parts else {}
+        r |= decode_figures(r, v, cfg, setup, peaks)
+        if cfg.find_max_batch and "cuda" in cfg.device and "train" in parts:
             v.model.to(cfg.device)
             r["max_micro_batch"] = v.max_batch()
             v.model.to("cpu")
         results[v.spec] = r
-    return results, {"flops": flops_label, "bytes": bytes_label, "peak_flops": peak_flops,
-                     "peak_bytes": peak_bytes}
+    return results, peaks
 
 
 def capacity(config, gib, positions, bytes_per_element):
@@ -424,60 +403,10 @@ def context_list(cfg):
     return contexts
 
 
-def table(results, cfg, peaks):
-    """Readable rows: each figure and its ratio to the first variant (the baseline)."""
-    base = results[next(iter(results))]
-    rows = [("params (M)", "params", 1e-6), ("train tok/s", "train_tok_s", 1), ("train ms/iter", "train_ms_per_iter", 1),
-            ("MFU % (own FLOPs)", "mfu", 100), ("MFU % (baseline FLOPs)", "mfu_baseline_flops", 100),
-            ("train FLOPs/token (G)", "flops_per_token", 1e-9), ("train peak memory GiB", "train_peak_memory_gib", 1),
-            ("max micro-batch", "max_micro_batch", 1), ("KV-cache bytes/token", "kv_bytes_per_token", 1),
-            ("inference peak mem GiB", "inference_peak_memory_gib", 1),
-            ("KD step ms", "distill_step_ms", 1), ("KD: teacher forward ms", "distill_teacher_ms", 1),
-            ("KD: student fwd+bwd ms", "distill_student_ms", 1), ("KD: optimizer ms", "distill_optimizer_ms", 1),
-            ("KD: teacher share %", "distill_teacher_share", 100), ("KD step tok/s", "distill_tok_s", 1),
-            ("KD step MFU %", "distill_mfu", 100), ("KD peak memory GiB", "distill_peak_memory_gib", 1),
-            ("eval forward ms/batch", "eval_forward_ms", 1)]
-    for k in base:
-        if k.startswith("prefill_tok_s_"):
-            name = k[len("prefill_tok_s_"):]
-            label = name.replace("_", " ")
-            rows += [(f"prefill tok/s {label}", k, 1), (f"decode tok/s {label}", f"decode_tok_s_{name}", 1),
-                     (f"decode GB/s {label}", f"decode_gb_s_{name}", 1),
-                     (f"decode MBU % {label}", f"decode_mbu_{name}", 100)]
-    for k in base:
-        if k.startswith("ctx_decode_tok_s_"):
-            name = k[len("ctx_decode_tok_s_"):]
-            batch, context = name.split("_")
-            rows += [(f"decode tok/s {batch} ctx {context}", k, 1),
-                     (f"decode GB/s {batch} ctx {context}", f"ctx_decode_gb_s_{name}", 1)]
-    for k in base:
-        if k.startswith("cap_tok_s_"):
-            gib, context = k[len("cap_tok_s_"):].split("_")
-            rows += [(f"batch in {gib} GiB ctx {context}", f"cap_batch_{gib}_{context}", 1),
-                     (f"decode tok/s {gib} GiB ctx {context}", k, 1)]
-    if "naive_decode_tok_s_b1_short" in base:
-        rows.append(("naive decode tok/s b1 short", "naive_decode_tok_s_b1_short", 1))
-    lines = [f"{'':28}" + "".join(f"{spec:>20}" for spec in results)]
-    for label, key, scale in rows:
-        if base.get(key) is None:
-            continue
-        cells = []
-        for r in results.values():
-            val, ratio = r[key] * scale, (r[key] / base[key] if base[key] else float("nan"))
-            num = f"{val:,.0f}" if abs(val) >= 1000 else f"{val:.4g}"
-            cells.append(f"{num:>12}" + (f" ({ratio:.2f}x)" if r is not base else " " * 8))
-        lines.append(f"{label:28}" + "".join(f"{c:>20}" for c in cells))
-    head = (f"{cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, "
-            f"vocab {cfg.vocab_size}, context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dtype}, "
-            f"compile={cfg.compile}, {device_name(cfg.device)}\n"
-            f"MFU against: {peaks['flops']}; MBU against: {peaks['bytes']}")
-    return "\n".join([head] + lines)
-
-
 def main(argv):
     cfg = parse(argv)
     results, peaks = run(cfg)
-    print(table(results, cfg, peaks))
+    print(bench_table(results, cfg, peaks))
     if "peer" in cfg.parts:
         print(peer_table(results["none"], list(dict.fromkeys((1, cfg.decode_batch))), context_list(cfg)))
     if cfg.plot:

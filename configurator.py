@@ -22,12 +22,16 @@ COMPILE = CUDA  # compiling pays off on a GPU; on a CPU the first steps' compile
 
 def configure(cfg, argv):
     """nanoGPT-style settings: `script.py [config_file.py ...] [--key=value ...]`, applied in order; a bare
-    `--flag` means `--flag=True`. Unknown keys and values of the wrong type are errors, named in one line.
-    cfg.explicit records the keys that were set, so a resume can tell a request from a default."""
+    `--flag` means `--flag=True`. Unknown keys and values of the wrong type are errors, named in one line; a key
+    the settings class lists in RENAMED ({old key: what says it now}) names its replacement. cfg.explicit records
+    the keys that were set, so a resume can tell a request from a default."""
     types_of = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    renamed = getattr(type(cfg), "RENAMED", {})
     cfg.explicit = set()
 
     def assign(key, value, where):
+        if key in renamed:
+            raise UsageError(f"{key} in {where} is no longer a setting: {renamed[key]}")
         if key not in types_of:
             near = difflib.get_close_matches(key, types_of, n=1)
             raise UsageError(f"unknown config key '{key}' in {where}" + (f" (did you mean '{near[0]}'?)" if near else ""))

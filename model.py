@@ -129,8 +129,17 @@ def projection_sources(kv_sources, att_sources, i):
     """THE rule: the layers whose q, k and v projections layer i attends with, {"q": .., "k": .., "v": ..}; i
     itself where it computes its own. An attention consumer takes its source's q and the keys that source
     attends with (its own, or its producer's); a K/V consumer takes its producer's k and v. Everything else
-    (weights, cache slots, conversion, costs) is derived from this function: change a rule here only."""
+    (weights, cache slots, the attention a decode step reuses (reused_attention), conversion, costs) is derived
+    from this function: change a rule here only."""
     return {"q": att_sources[i], "k": kv_sources[att_sources[i]], "v": kv_sources[i]}
+
+
+def reused_attention(reads_from, i):
+    """The lower layer whose attention pattern softmax(q k^T) layer i reuses whole, or None: the one attending with
+    its own q and the very keys layer i attends with. Derived from the rule (reads_from), not a second one: a rule
+    giving an attention consumer keys of its own would end the reuse (and decode's saving) here."""
+    j = reads_from[i]["q"]
+    return j if j != i and reads_from[j]["q"] == j and reads_from[j]["k"] == reads_from[i]["k"] else None
 
 
 def computed_projections(kv_sources, att_sources):
@@ -168,10 +177,11 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-# What a layer attended with, handed to the layers that read it: rotated queries (B, H, T, hd), rotated keys and
-# values (B, KVH, S, hd), S = T in a full pass or the cache's length; in a decode step of a layer whose attention
-# is reused, its probabilities (B, KVH, G*T, S), else None. Handed *to* a layer, what it computes itself is None.
-Attended = namedtuple("Attended", "q k v probs", defaults=(None, None, None, None))
+# Attended: what a layer attended with, kept for the layers above: rotated q (B, H, T, hd), rotated k and v (B, KVH,
+# S, hd), S = T in a full pass or the cache's length; at decode, if layers above reuse it, probs (B, KVH, G*T, S).
+# Given: what a layer is handed by its sources, the same fields; None for what it computes itself.
+Attended = namedtuple("Attended", "q k v probs")
+Given = namedtuple("Given", "q k v probs", defaults=(None, None, None, None))
 
 # How a pass runs, decided once in LLaMA.forward and handed down by name
 FULL = "full"        # a causal pass over a whole sequence from position 0 (training, evaluation)
@@ -206,16 +216,15 @@ class Attention(nn.Module):
         return {p: outs[p].unflatten(-1, (self.heads[p], self.head_dim)).transpose(1, 2)  # (B, heads, T, hd)
                 for p in wanted}
 
-    def forward(self, x, *, rope, mode, mask=None, given=Attended(), cache=None, slot_numbers=(None, None),
-                input_pos=None):
+    def forward(self, x, *, rope, mode, mask=None, given=Given(), cache=None, slots=(None, None), input_pos=None):
         """Attend with q, k and v: each the layer's own, or the rotated one its source attended with (`given`).
         Keys and values it computes are rotated once, here, and written to its cache slots (K slot number
-        slot_numbers[0], V slot slot_numbers[1]) when there is a cache. Returns (output, Attended)."""
+        slots[0], V slot slots[1]) when there is a cache. Returns (output, Attended)."""
         B, T, _ = x.shape
         cos, sin = rope
 
         def to_cache(which, t):  # without a cache t itself; with one, t written at input_pos and the whole slot
-            return t if cache is None else cache.write(which, slot_numbers[which == "v"], input_pos, t)  # (B, KVH, S, hd)
+            return t if cache is None else cache.write(which, slots[which == "v"], input_pos, t)  # (B, KVH, S, hd)
 
         own = self.project(x, given)
         q = apply_rope(own["q"], cos, sin) if "q" in own else given.q
@@ -304,8 +313,7 @@ class Block(nn.Module):
 
 class KVCache(nn.Module):
     """The static KV cache, written in place at input_pos: slots k0, k1, ... and v0, v1, ..., each a (B, KVH,
-    max_len, hd) buffer of its own, not a slice of one stacked tensor (torch.compile writes a slice of a shared
-    buffer by copying every slot whole each decode step, seen in inductor's output code)."""
+    max_len, hd) buffer of its own (torch.compile writes a slice of one stacked buffer by copying it whole)."""
 
     def __init__(self, n_k_slots, n_v_slots, batch_size, max_len, n_kv_head, head_dim, dtype, device):
         super().__init__()
@@ -336,9 +344,9 @@ class KVCache(nn.Module):
         return sum(b.nbytes for b in self.buffers())
 
 
-def slot_numbers(computes):
-    """(K slot number, V slot number) per layer: the slots it caches the keys (values) it computes in, None where
-    it computes none."""
+def assign_cache_slots(computes):
+    """The cache slots per layer, (K slot number, V slot number): where it caches the keys (values) it computes,
+    None where it computes none. Slots are numbered in layer order."""
     k_layers, v_layers = ([i for i, c in enumerate(computes) if p in c] for p in ("k", "v"))
     return [(k_layers.index(i) if "k" in c else None, v_layers.index(i) if "v" in c else None)
             for i, c in enumerate(computes)]
@@ -354,10 +362,10 @@ class LLaMA(nn.Module):
         self.kv_sources, self.att_sources = resolve_sharing(config)  # fixed: other specs make another model
         self.reads_from = [projection_sources(self.kv_sources, self.att_sources, i) for i in range(config.n_layer)]
         computes = computed_projections(self.kv_sources, self.att_sources)
-        self.slot_numbers = slot_numbers(computes)
+        self.cache_slots = assign_cache_slots(computes)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, c, attention_reused=any(r["q"] == i for r in self.reads_from[i + 1:]))
-                                    for i, c in enumerate(computes))
+        self.reuses = [reused_attention(self.reads_from, i) for i in range(config.n_layer)]  # decode hands probs up
+        self.layers = nn.ModuleList(Block(config, c, attention_reused=i in self.reuses) for i, c in enumerate(computes))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -398,7 +406,7 @@ class LLaMA(nn.Module):
         c = self.kv_cache
         if c is not None and (c.batch_size, c.max_len, c.dtype, c.k0.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
-        n_k, n_v = (sum(n is not None for n in numbers) for numbers in zip(*self.slot_numbers))
+        n_k, n_v = (sum(n is not None for n in numbers) for numbers in zip(*self.cache_slots))
         self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                 dtype, device)
 
@@ -408,20 +416,19 @@ class LLaMA(nn.Module):
         reads: other sources for one full pass ({"q": j, ..}: analysis trying a pairing without converting the
         model; the layer's own projections sit idle). Cache slots and decode reuse follow the model's own specs."""
         src = reads or self.reads_from[i]
-        given = Attended(*(getattr(seen[src[p]], p) if src[p] != i else None for p in "qkv"),
-                         probs=seen[src["q"]].probs if src["q"] != i else None)
+        given = Given(*(getattr(seen[src[p]], p) if src[p] != i else None for p in "qkv"),
+                      probs=seen[self.reuses[i]].probs if self.reuses[i] is not None else None)  # decode only
         x, attended = self.layers[i](x, rope=rope, mode=mode, mask=mask, given=given, cache=cache,
-                                     slot_numbers=self.slot_numbers[i], input_pos=input_pos)
+                                     slots=self.cache_slots[i], input_pos=input_pos)
         seen.append(attended)
         return x
 
     def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=()):
         """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
         With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
-        Returns (logits, loss, hidden). Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the
-        last position only, because generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32
-        tensor). Loss: the cross-entropy with targets, else None. Hidden: the residual stream (B, T, C) after
-        each layer listed in hidden_at (distillation compares them with a teacher's), usually none."""
+        Returns (logits, loss, hidden). Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the last
+        position only: generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor). Loss: the
+        cross-entropy with targets, else None. Hidden: the residual stream (B, T, C) after each layer in hidden_at."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:

@@ -16,11 +16,11 @@ import torch
 from echo.chat import Chat
 from echo.checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, DTYPE, check_device, configure, precision, run_main
-from data.common import bpe_meta, stop_ids, tokenizer_from_meta
 from echo.generate import cache_len, compile_decode_step, generate_tokens, inference_layout, until_stop
 from model import UsageError
 from echo.costs import kv_cache_bytes
 from echo.pretrained import IMPORTS, import_pretrained
+from echo.tokenizer import bpe_meta, stop_ids, tokenizer_from_meta
 
 
 @dataclass

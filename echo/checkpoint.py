@@ -133,9 +133,8 @@ def same_tokens(a, b):
 # ----------------------------------------------------------------------------------------------------
 # Resuming a run: what train.py needs from its own checkpoint
 
-RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "adapt_freeze", "trainable",  # schedule and
-                "kv_init", "distill_alpha", "distill_hidden", "distill_hidden_at", "distill_temperature",
-                "distill_from")  # teacher: kept on resume
+RUN_SETTINGS = ("kv_share_target", "att_share_target", "adapt_iters", "trainable", "kv_init",  # schedule and
+                "distill_alpha", "distill_hidden", "distill_hidden_at", "distill_temperature", "distill_from")  # teacher
 
 
 def resume_checkpoint(cfg, meta, path):
@@ -156,8 +155,11 @@ def resume_checkpoint(cfg, meta, path):
     ckpt["rng_states"] = states
     if not same_tokens(ckpt["meta"], meta):
         raise UsageError(f"{path} was trained on other tokens than dataset '{cfg.dataset}'")
+    config = dict(ckpt["config"])
+    if config.get("adapt_freeze") and config.get("trainable", "all") == "all":  # written before `trainable` said it
+        config["trainable"] = "stages:layers"
     for key in RUN_SETTINGS:
-        saved = ckpt["config"].get(key, getattr(type(cfg), key))
+        saved = config.get(key, getattr(type(cfg), key))
         if key in cfg.explicit and getattr(cfg, key) != saved:
             raise UsageError(f"{key}={getattr(cfg, key)!r}, but the run being resumed has {key}={saved!r}: a "
                              f"resumed run keeps its conversion schedule (start a new out_dir to change it)")

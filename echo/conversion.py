@@ -40,8 +40,9 @@ def convert_sharing(model, kv_share=None, att_share=None, kv_init="keep"):
         i, p = int(parts[1]), parts[3][1]
         # the layers this projection starts from: i, and with 'mean' each layer that will read it: for values
         # every reader; for keys only readers with queries of their own (a K/V consumer of i; an attention
-        # consumer pairs i's keys with i's queries, so it has no keys of its own to give). From the rule.
-        users = [j for j, src in enumerate(new.reads_from) if src[p] == i and (p == "v" or src["q"] == j)] \
+        # consumer pairs i's keys with i's queries, so it has no keys of its own to give), and i's own as 'keep'
+        # where no reader has (keys that meet another layer's queries). From the rule.
+        users = [j for j, src in enumerate(new.reads_from) if src[p] == i and (p == "v" or src["q"] == j)] or [i] \
             if kv_init == "mean" and p != "q" else [i]
         # one vote per user for the projection it attended with so far, counted per source (so that a single
         # source is copied exactly, not re-averaged in floats, and staged 'mean' ends where one-shot 'mean' does)
@@ -69,21 +70,23 @@ def convert_on_load(model, cfg):
     return convert_sharing(model, **specs, kv_init=cfg.kv_init)
 
 
-def adaptation_stages(start, kv_target="", att_target="", freeze=False):
+def adaptation_stages(start, kv_target="", att_target="", trainable="all"):
     """The layer-wise conversion schedule as plain data: a list of stages, each a dict with the model's
-    kv_sources and att_sources during the stage and whether only the converted layers train ("freeze").
+    kv_sources and att_sources during the stage and what trains in it ("trainable", one of TRAINABLE: the run's
+    `trainable`, except that 'stages:X' trains X in the adaptation stages and everything in the final one).
 
     The target's consumers (every layer that reads another layer's K/V or attention in it, including any that
     are consumers in start already) are converted from the top layer down: 1, then 2, 4, ... of them in all (each
     stage keeps the conversions before it), the last adaptation stage all of them; then a final entry, the
-    full fine-tuning at the target (never frozen). E.g. echo:7 on 30 layers (layers 23-29 read layer 22):
+    full fine-tuning at the target. E.g. echo:7 on 30 layers (layers 23-29 read layer 22):
         stage 0: 29<-22    stage 1: 28,29<-22    stage 2: 26-29<-22    stage 3: 23-29<-22    final: as stage 3
     start: the model's {"kv_sources", "att_sources"}; a target not given keeps the start's sharing of that
     kind. A layer not yet converted keeps its sources from start, except that what it computes in the target
     it computes from the first stage on (in a model that already shares, a target source may be a consumer,
     and a converted layer must read a layer that computes)."""
     if not (kv_target or att_target):  # nothing to convert: one stage, the model as it is
-        return [{"kv_sources": start["kv_sources"], "att_sources": start["att_sources"], "freeze": False}]
+        return [{"kv_sources": start["kv_sources"], "att_sources": start["att_sources"],
+                 "trainable": stage_trainable(trainable, final=True)}]
     n = len(start["kv_sources"])
     specs = {key: target or ",".join(map(str, start[f"{key}_sources"]))
              for key, target in (("kv", kv_target), ("att", att_target))}
@@ -96,7 +99,7 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
         c *= 2
     counts += [len(consumers)] if consumers else []
 
-    def make_stage(converted, frozen):
+    def make_stage(converted, final):
         sources = {}
         for key in target:
             sources[key] = []
@@ -105,9 +108,9 @@ def adaptation_stages(start, kv_target="", att_target="", freeze=False):
                     sources[key].append(target[key][i])
                 else:                                      # not converted yet: as the model started
                     sources[key].append(start[key][i])
-        return sources | {"freeze": frozen}
+        return sources | {"trainable": stage_trainable(trainable, final)}
 
-    return [make_stage(consumers[:c], freeze) for c in counts] + [make_stage(consumers, False)]
+    return [make_stage(consumers[:c], final=False) for c in counts] + [make_stage(consumers, final=True)]
 
 
 def describe_stage(stage, previous):
@@ -141,19 +144,25 @@ def describe_run(model, stages, adapt_iters):
 
 def run_stages(model, cfg, ckpt):
     """The stages of this run: a resumed run's own (saved in its checkpoint, older formats included), else
-    built from the model as loaded and the targets."""
+    built from the model as loaded, the targets and what trains."""
     if ckpt and ckpt.get("adapt_stages"):
-        return legacy_stages(ckpt["adapt_stages"], model.config.n_layer, cfg.adapt_freeze)
+        return legacy_stages(ckpt["adapt_stages"], model.config.n_layer, cfg.trainable)
     return adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources},
-                             cfg.kv_share_target, cfg.att_share_target, cfg.adapt_freeze)
+                             cfg.kv_share_target, cfg.att_share_target, cfg.trainable)
 
 
-def legacy_stages(stages, n_layer, freeze):
-    """A checkpoint written before attention sharing stored only the adaptation stages' kv_sources."""
-    if stages and isinstance(stages[0], dict):
+def legacy_stages(stages, n_layer, trainable):
+    """Stages as this version writes them, from a checkpoint's: before attention sharing only the adaptation
+    stages' kv_sources were stored; before `trainable` said what trains in each stage, a flag ("freeze") said
+    whether the adaptation stages trained only the converted layers (the run's trainable, restored on resume,
+    says it now: checkpoint.resume_checkpoint)."""
+    if stages and isinstance(stages[0], dict) and "trainable" in stages[0]:
         return stages
-    final = {"kv_sources": stages[-1], "att_sources": list(range(n_layer)), "freeze": False}
-    return [dict(final, kv_sources=s, freeze=freeze) for s in stages] + [final]
+    if not isinstance(stages[0], dict):
+        stages = [{"kv_sources": s, "att_sources": list(range(n_layer))} for s in stages] + \
+                 [{"kv_sources": stages[-1], "att_sources": list(range(n_layer))}]
+    return [{"kv_sources": st["kv_sources"], "att_sources": st["att_sources"],
+             "trainable": stage_trainable(trainable, final=n == len(stages) - 1)} for n, st in enumerate(stages)]
 
 
 def stage_num_at(iter_num, stages, adapt_iters):
@@ -170,22 +179,41 @@ def resumed_stage_num(ckpt, iter_num, stages, adapt_iters):
     return ckpt.get("stage", stage_num_at(iter_num, stages, adapt_iters)) if ckpt else stage_num_at(iter_num, stages, adapt_iters)
 
 
+# What trains: everything, or only the consumers (every layer that reads another's projection) and the projections
+# they read: the consumers' whole layers, their attention projections (SwiftKV's choice), or those and their norms.
 TRAINABLE = ("all", "layers", "attention", "attention+norms")
+ONLY_IN_STAGES = "stages:"  # 'stages:X': X trains in a layer-wise conversion's stages, everything in the final one
 
 
-def enter_stage(model, stage, kv_init, trainable="all"):
-    """Convert the model to the stage's sources (if it is not there yet) and set what trains (TRAINABLE): 'all' of
-    it; or only the consumers (every layer that reads another's projection) and the projections they read: the
-    consumers' whole layers ('layers', what a freezing stage of adapt_freeze trains), their attention
-    projections ('attention', SwiftKV's choice), or those and their two norms ('attention+norms'). The caller
-    makes a fresh optimizer for the new parameters; the learning rate follows the run's one schedule (warmup
-    and decay over all iterations), so a stage does not re-warm it."""
+def check_trainable(trainable, layer_wise):
+    """One line for a `trainable` that is not one of TRAINABLE or stages:X (X one of them, not all), or that
+    limits stages a run without a layer-wise target does not have."""
+    if trainable.startswith(ONLY_IN_STAGES):
+        if trainable[len(ONLY_IN_STAGES):] not in TRAINABLE[1:]:
+            raise UsageError(f"trainable={trainable!r}: expected stages: followed by one of {', '.join(TRAINABLE[1:])}")
+        if not layer_wise:
+            raise UsageError(f"trainable={trainable!r} says what trains during a layer-wise conversion's stages: give "
+                             f"kv_share_target or att_share_target, or name what trains the whole run")
+    elif trainable not in TRAINABLE:
+        raise UsageError(f"trainable={trainable!r}: expected one of {', '.join(TRAINABLE)}, or stages:X (X trains "
+                         f"only during a layer-wise conversion's stages)")
+
+
+def stage_trainable(trainable, final):
+    """What trains in one stage (one of TRAINABLE) when the run's setting is `trainable`."""
+    if trainable.startswith(ONLY_IN_STAGES):
+        return "all" if final else trainable[len(ONLY_IN_STAGES):]
+    return trainable
+
+
+def enter_stage(model, stage, kv_init):
+    """Convert the model to the stage's sources (if it is not there yet) and set what trains in it (the stage's
+    "trainable"). The caller makes a fresh optimizer for the new parameters; the learning rate follows the run's
+    one schedule (warmup and decay over all iterations), so a stage does not re-warm it."""
     if (model.kv_sources, model.att_sources) != (stage["kv_sources"], stage["att_sources"]):
         model = convert_sharing(model, ",".join(map(str, stage["kv_sources"])),
                                 ",".join(map(str, stage["att_sources"])), kv_init)
-    if trainable == "all" and stage["freeze"]:
-        trainable = "layers"
-    sources = model.reads_from
+    trainable, sources = stage["trainable"], model.reads_from
     # every consumer (a layer that reads a projection of another), including any that already was when loaded
     consumers = {i for i, src in enumerate(sources) if any(s != i for s in src.values())}
     trained = {f"layers.{sources[i][p]}.attention.w{p}." for i in consumers for p in "qkv"}  # what they read

@@ -2,7 +2,7 @@
 follows from which layers compute their own q, k and v (model.projection_sources), never from the device. They
 are the numerators of MFU (training FLOPs per token x tokens/s / peak FLOP/s) and MBU (decode bytes per step /
 step time / peak bytes/s); the denominators, the device's peaks, are measure.py's."""
-from model import computed_projections, projection_sources, resolve_sharing
+from model import computed_projections, projection_sources, resolve_sharing, reused_attention
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,17 +95,17 @@ def decode_bytes_per_step(cfg, batch_size, context, bytes_per_element):
     """Bytes one decode step reads: every weight once (of the embedding table only the B rows looked up, unless
     the head is tied to it), and each layer's reads of the cache over `context` positions as they happen, from
     the layers the rule says it attends with: the V slot of its values' layer, and the K slot of its keys' layer,
-    except where its queries are another layer's (an attention consumer): then that layer's probabilities
+    except where it reuses a lower layer's attention (model.reused_attention): then that layer's probabilities
     (B x n_head x context) instead of keys. A slot read by several layers counts once per reader."""
     d, (kv_sources, att_sources) = cfg.n_embd, resolve_sharing(cfg)
     weights = matmul_params(cfg) + (2 * cfg.n_layer + 1) * d + (0 if cfg.tie_embeddings else batch_size * d)
     slot = batch_size * cfg.n_kv_head * context * cfg.head_dim
     probs = batch_size * cfg.n_head * context
+    reads_from = [projection_sources(kv_sources, att_sources, i) for i in range(cfg.n_layer)]
     cache = 0
     for i in range(cfg.n_layer):
-        src = projection_sources(kv_sources, att_sources, i)
-        cache += slot                                  # the values: layer src["v"]'s V slot
-        cache += probs if src["q"] != i else slot      # the keys: layer src["k"]'s K slot, or src["q"]'s probabilities
+        cache += slot                                                         # the values' V slot
+        cache += slot if reused_attention(reads_from, i) is None else probs  # the keys' K slot, or reused probabilities
     return (weights + cache) * bytes_per_element
 
 

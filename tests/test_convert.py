@@ -1,15 +1,13 @@
 """Importing a Hugging Face LLaMA, converting to K/V sharing, and layer-wise adaptation."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from echo.checkpoint import load_checkpoint
 from echo.pretrained import from_pretrained
-from conftest import ROOT, TEXT, kv_stages, read_log, run
+from conftest import TEXT, kv_stages, read_log, run, run_script
 from echo.conversion import convert_sharing
 from model import LLaMA, UsageError
 from sample import SampleConfig, sample
@@ -157,7 +155,7 @@ def test_adaptation_stages_convert_top_down():
 def test_adaptation_freezes_the_unconverted_layers(data_dir, pretrained, tmp_path):
     # stage 0 of echo:3 on 4 layers: only layer 3 reads layer 0; train 4 iterations, frozen
     run(data_dir, tmp_path, n_layer=4, init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=4,
-        adapt_freeze=True, max_iters=4, eval_interval=4)
+        trainable="stages:layers", max_iters=4, eval_interval=4)
     before = load_checkpoint(os.path.join(pretrained, "ckpt.pt"))["model"]
     after = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
     assert after["model_args"]["kv_share"] == "0,1,2,0" and after["stage"] == 0
@@ -169,7 +167,7 @@ def test_adaptation_freezes_the_unconverted_layers(data_dir, pretrained, tmp_pat
 
 def test_adaptation_runs_all_stages_and_resumes_mid_schedule(data_dir, pretrained, tmp_path):
     common = dict(n_layer=4, init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=4,
-                  adapt_freeze=True, max_iters=16, lr_decay_iters=16, eval_interval=4, kv_init="mean")
+                  trainable="stages:layers", max_iters=16, lr_decay_iters=16, eval_interval=4, kv_init="mean")
     run(data_dir, tmp_path / "full", **common)
     evals = [r for r in read_log(tmp_path / "full") if "val_loss" in r]
     assert [(r["iter"], r["stage"]) for r in evals] == [(0, 0), (4, 0), (8, 1), (12, 2), (16, 3)]
@@ -185,8 +183,8 @@ def test_adaptation_runs_all_stages_and_resumes_mid_schedule(data_dir, pretraine
 def test_finetune_imported_model_on_its_own_tokens_then_sample(hf_dir, tmp_path):
     (tmp_path / "in.txt").write_text(TEXT)
     data = tmp_path / "data"
-    r = subprocess.run([sys.executable, "data/shakespeare/prepare.py", f"--input={tmp_path / 'in.txt'}",
-                        f"--out_dir={data / 'hfdata'}", f"--tokenizer=hf:{hf_dir}"], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("data/shakespeare/prepare.py", f"--input={tmp_path / 'in.txt'}", f"--out_dir={data / 'hfdata'}",
+                   f"--tokenizer=hf:{hf_dir}")
     assert r.returncode == 0, r.stderr
     run(str(data), tmp_path / "ft", dataset="hfdata", init_from=f"hf:{hf_dir}", kv_share="echo:2", max_iters=4)
     ckpt = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
@@ -211,7 +209,7 @@ def test_the_schedules_worked_example_and_its_stage_lines():
     plain = {"kv_sources": list(range(30)), "att_sources": list(range(30))}
     stages = adaptation_stages(plain, "echo:7")
     readers = [sum(s != i for i, s in enumerate(st["kv_sources"])) for st in stages]
-    assert readers == [1, 2, 4, 7, 7] and stages[-1] == dict(stages[-2], freeze=False)
+    assert readers == [1, 2, 4, 7, 7] and stages[-1] == dict(stages[-2], trainable="all")
     lines = [describe_stage(st, before) for st, before in zip(stages[:-1], [plain] + stages)]
     assert lines == ["29<-22 K/V", "28<-22 K/V", "26,27<-22 K/V", "23,24,25<-22 K/V"]
     five = {"kv_sources": [0, 1, 2, 3, 4], "att_sources": [0, 1, 2, 3, 4]}

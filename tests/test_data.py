@@ -2,22 +2,21 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from data.common import fetch_text, id_dtype, tokenizer_from_meta, write_tokens
+from conftest import ROOT, run_script
+from data.common import fetch_text, id_dtype, write_tokens
+from echo.tokenizer import tokenizer_from_meta
+from model import UsageError
 
 SHAKESPEARE = os.environ.get("TINYSHAKESPEARE_INPUT")  # .ci/run points this at the shared offline copy
 SMALL_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
 
 
 def prepare(name, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "data", name, "prepare.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
+    return run_script(os.path.join(ROOT, "data", name, "prepare.py"), *args)
 
 
 def load(out_dir):
@@ -30,7 +29,7 @@ def gpt2_available():
     try:
         tokenizer_from_meta({"tokenizer": "gpt2"})
         return True
-    except (Exception, SystemExit):  # no network and no TIKTOKEN_CACHE_DIR: data/common.py exits with one line
+    except Exception:  # no network and no TIKTOKEN_CACHE_DIR: echo/tokenizer.py says so in one line
         return False
 
 
@@ -85,14 +84,14 @@ def test_missing_input_file_is_one_clear_line(tmp_path, name):
 
 
 def test_failed_download_says_what_to_do(tmp_path):
-    with pytest.raises(SystemExit, match="could not download .* pass --input PATH"):
+    with pytest.raises(UsageError, match="could not download .* pass --input PATH"):
         fetch_text("http://127.0.0.1:9/input.txt", None, str(tmp_path / "input.txt"))  # port 9: refused at once
     assert not os.path.exists(tmp_path / "input.txt")
 
 
 def test_token_ids_must_fit_the_vocabulary(tmp_path):
     assert id_dtype(65) == np.uint16 and id_dtype(65536) == np.uint16 and id_dtype(65537) == np.uint32
-    with pytest.raises(SystemExit, match="token id 70000 does not fit the vocabulary of 65"):
+    with pytest.raises(UsageError, match="token id 70000 does not fit the vocabulary of 65"):
         write_tokens(["x"], lambda s: [1, 70000], str(tmp_path / "t.bin"), 65)
     assert not os.path.exists(tmp_path / "t.bin")  # nothing half-written is left behind
     n = write_tokens(["ab", "c"], lambda s: [ord(c) for c in s], str(tmp_path / "big.bin"), 100_000)

@@ -67,7 +67,7 @@ def test_the_teacher_is_the_unconverted_model_and_frozen(data_dir, teacher_dir, 
 
 def test_staged_frozen_accumulated_distillation_trains_only_the_student(data_dir, teacher_dir, tmp_path):
     run(data_dir, tmp_path, init_from=f"ckpt:{teacher_dir}", kv_share_target="echo:3", adapt_iters=2,
-        adapt_freeze=True, gradient_accumulation_steps=2, distill_alpha=0.5, distill_temperature=2.0, max_iters=8,
+        trainable="stages:layers", gradient_accumulation_steps=2, distill_alpha=0.5, distill_temperature=2.0, max_iters=8,
         log_interval=1, eval_interval=4)
     logs = [r for r in read_log(tmp_path) if "kd" in r]
     assert len(logs) == 8 and all(r["kd"] > 0 and r["ce"] > 0 for r in logs)

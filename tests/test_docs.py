@@ -77,3 +77,64 @@ def test_documented_command_uses_real_settings(where, script, words, argv):
         cfg = configure(TrainConfig(), [a for a in argv if not a.startswith("--init_from=hf:")])
         nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
         assert cfg.gradient_accumulation_steps % nproc == 0, f"{where}: accumulation not divisible by {nproc}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pointers: every file, section and function a doc or a comment names exists
+
+def project_files(suffixes, skip=()):
+    """The repository's files with these suffixes, outside the folders `skip`."""
+    out = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "out")) and d not in ("__pycache__", *skip)]
+        out += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith(suffixes)]
+    return sorted(out)
+
+
+PLACEHOLDERS = {"script.py", "config.py", "config_file.py"}  # `script.py [config.py] --key=value` in usage lines
+FILE_TYPES = {"py", "md", "bin", "json", "jsonl", "pt", "txt", "gz", "npz", "png"}  # `train.bin` is a file's name
+NOT_OURS = {"tokenizer.chat_template"}  # a GGUF metadata key, not echo/tokenizer.py's
+DOCS = {"README": "README.md", "RESULTS": "docs/RESULTS.md", "GUIDE": "docs/GUIDE.md"}
+
+
+def headings(doc):
+    return [re.sub(r"^#+\s*", "", line).strip() for line in open(os.path.join(ROOT, doc)) if line.startswith("#")]
+
+
+def anchor(heading):
+    """GitHub's anchor for a heading: lower case, punctuation but - and _ dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_every_file_section_and_function_named_exists():
+    # the tests are not read: they name missing files on purpose
+    texts = {f: open(os.path.join(ROOT, f), encoding="utf-8").read() for f in project_files((".py", ".md"), ["tests"])}
+    every = set(project_files(("",)))
+    basenames = {os.path.basename(f) for f in every}
+    broken = []
+    for where, text in texts.items():
+        for m in re.finditer(r"\]\(([^)#\s]*)(#[^)\s]*)?\)", text):  # markdown links, with their anchors
+            path, tag = m.groups()
+            if path.startswith(("http:", "https:")):
+                continue
+            target = os.path.normpath(os.path.join(os.path.dirname(where), path)) if path else where
+            if target not in every and not os.path.isdir(os.path.join(ROOT, target)):
+                broken.append(f"{where}: link to {path}")
+            elif tag and target.endswith(".md") and tag[1:] not in map(anchor, headings(target)):
+                broken.append(f"{where}: no section {tag} in {target}")
+        for m in re.finditer(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.(?:py|md))\b", text):  # file names
+            name = m.group(1)
+            found = (name in every or os.path.normpath(os.path.join(os.path.dirname(where), name)) in every
+                     if "/" in name else name in basenames | PLACEHOLDERS)
+            if not found:
+                broken.append(f"{where}: file {name}")
+        for m in re.finditer(r'\b(README|RESULTS|GUIDE)(?:\.md)?(?:\'s)?[ ,(]{1,3}"([^"\n]{4,100})"', text):
+            if not any(m.group(2).lower() in h.lower() for h in headings(DOCS[m.group(1)])):  # quoted sections
+                broken.append(f"{where}: no section \"{m.group(2)}\" in {DOCS[m.group(1)]}")
+        if where.endswith(".md"):  # `module.name` in the docs: defined in that module
+            for module, name in re.findall(r"`([a-z_]+)\.([A-Za-z_]\w*)(?:\(\))?`", text):
+                sources = [f for f in every if f.endswith(f"/{module}.py") or f == f"{module}.py"]
+                if sources and name not in FILE_TYPES and f"{module}.{name}" not in NOT_OURS and not any(
+                        re.search(rf"^\s*(def|class) {name}\b|^{name}\s*=", texts.get(f, ""), re.M) for f in sources):
+                    broken.append(f"{where}: {module}.{name} is not defined in {', '.join(sources)}")
+    assert not broken, "\n".join(broken)

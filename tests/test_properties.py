@@ -125,9 +125,9 @@ def test_every_conversion_stage_is_a_valid_model_and_the_last_is_the_target(star
     kv_target = data.draw(specs(n))
     att_target = data.draw(att_specs(kv_target, n))
     begin = dict(zip(("kv_sources", "att_sources"), resolve_sharing(start)))
-    stages = adaptation_stages(begin, kv_target, att_target, freeze=True)
+    stages = adaptation_stages(begin, kv_target, att_target, trainable="stages:layers")
     goal = resolve_sharing(ModelConfig(n_layer=n, n_head=1, n_kv_head=1, n_embd=2, kv_share=kv_target, att_share=att_target))
-    assert (stages[-1]["kv_sources"], stages[-1]["att_sources"]) == goal and not stages[-1]["freeze"]
+    assert (stages[-1]["kv_sources"], stages[-1]["att_sources"]) == goal and stages[-1]["trainable"] == "all"
     converted = []
     for st_ in stages:  # every stage is a model the rules allow, and the converted layers only grow
         spec = {k: ",".join(map(str, st_[f"{k[:-6]}_sources"])) for k in ("kv_share", "att_share")}
@@ -141,7 +141,7 @@ def test_every_conversion_stage_is_a_valid_model_and_the_last_is_the_target(star
 @PROFILE
 @given(configs(), st.data())
 def test_training_flops_with_frozen_weights_equal_the_counter(cfg, data):
-    """With any set of parameters frozen (as adapt_freeze does, and more), the FLOP count is what autograd
+    """With any set of parameters frozen (as trainable does, and more), the FLOP count is what autograd
     really computes: torch's counter on the math attention kernel (which it counts) agrees exactly."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(0)

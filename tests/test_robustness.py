@@ -13,7 +13,7 @@ import torch
 
 from echo.checkpoint import load_checkpoint, save_checkpoint
 from conftest import kv_stages, read_log, run
-from data.common import tokenizer_from_meta
+from echo.tokenizer import tokenizer_from_meta
 from model import LLaMA, ModelConfig, UsageError, resolve_sources
 
 
@@ -76,16 +76,30 @@ def pretrained(data_dir, tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("freeze", [False, True])
-def test_resume_mid_conversion_restores_the_schedule(data_dir, pretrained, tmp_path, freeze):
-    """A plain --init_from=resume, without repeating the schedule, continues it exactly."""
-    conv = dict(init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=4, adapt_freeze=freeze,
+def as_written_before_trainable(path):
+    """Rewrite a checkpoint of a stages:layers run as one written when `adapt_freeze=True` said it: the flag in
+    its config and a "freeze" flag in each stage instead of what trains."""
+    ckpt = load_checkpoint(path)
+    config = {k: v for k, v in ckpt["config"].items() if k != "trainable"} | {"adapt_freeze": True}
+    stages = [{"kv_sources": st["kv_sources"], "att_sources": st["att_sources"], "freeze": st["trainable"] != "all"}
+              for st in ckpt["adapt_stages"]]
+    save_checkpoint(path, dict(ckpt, config=config, adapt_stages=stages))
+
+
+@pytest.mark.parametrize("trainable", ["all", "stages:layers", "adapt_freeze"])
+def test_resume_mid_conversion_restores_the_schedule(data_dir, pretrained, tmp_path, trainable):
+    """A plain --init_from=resume, without repeating the schedule, continues it exactly; so does a checkpoint
+    written before `trainable` ("adapt_freeze": its adapt_freeze=True is stages:layers)."""
+    legacy, trainable = trainable == "adapt_freeze", "stages:layers" if trainable == "adapt_freeze" else trainable
+    conv = dict(init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=4, trainable=trainable,
                 kv_init="mean", max_iters=16, lr_decay_iters=16, eval_interval=3, dropout=0.1)
     run(data_dir, tmp_path / "full", **conv)
     run(data_dir, tmp_path / "half", **dict(conv, max_iters=6))      # stops inside stage 1
+    if legacy:
+        as_written_before_trainable(tmp_path / "half" / "ckpt.pt")
     run(data_dir, tmp_path / "half", init_from="resume", max_iters=16, lr_decay_iters=16, eval_interval=3)
     a, b = load_checkpoint(tmp_path / "full" / "ckpt.pt"), load_checkpoint(tmp_path / "half" / "ckpt.pt")
-    assert a["stage"] == b["stage"] == 3 and b["config"]["adapt_freeze"] == freeze
+    assert a["stage"] == b["stage"] == 3 and b["config"]["trainable"] == trainable
     assert b["config"]["dropout"] == 0.1  # the run's dropout, not the default
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=1e-6)
@@ -133,7 +147,7 @@ def test_hf_tokenizer_prepends_bos_to_each_document():
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "b": 3}, unk_token="a"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    from data.common import hf_meta
+    from echo.tokenizer import hf_meta
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "tokenizer.json"), "w") as f:
             f.write(tok.to_str())

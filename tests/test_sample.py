@@ -1,15 +1,13 @@
 import io
 import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
 from echo.checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import ROOT, run
-from data.common import tokenizer_from_meta
+from conftest import run, run_script
+from echo.tokenizer import tokenizer_from_meta
 from echo.generate import sample_logits
 from model import UsageError
 from echo.costs import kv_cache_bytes
@@ -87,8 +85,7 @@ def test_bad_inputs_are_clear_errors(ckpt_dir, kw, match):
 def test_missing_and_corrupt_checkpoints_from_the_command_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"\x80\x02garbage")
     for out_dir, match in [(tmp_path / "none", "no checkpoint at"), (tmp_path, "corrupt or not a checkpoint")]:
-        r = subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu"],
-                           capture_output=True, text=True, cwd=ROOT)
+        r = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu")
         assert r.returncode == 1 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

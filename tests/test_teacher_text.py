@@ -4,15 +4,14 @@ prepared for evaluation only (WikiText-2) evaluated on its own with eval_only.""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TEXT, bpe_tokenizer, read_log, run, tiny_args, tiny_gguf
-from data.common import char_meta, chunked, text_encoder, write_dataset
+from conftest import ROOT, TEXT, bpe_tokenizer, read_log, run, run_script, tiny_args, tiny_gguf
+from data.common import chunked, write_dataset
+from echo.tokenizer import char_meta, text_encoder
 from echo.pretrained import gguf_meta, import_pretrained
 
 SCRIPT = os.path.join(ROOT, "data", "teacher_text", "prepare.py")
@@ -27,9 +26,8 @@ def teacher(tmp_path_factory):
 
 
 def prepare(teacher, out_dir, *extra):
-    return subprocess.run([sys.executable, SCRIPT, f"--teacher=gguf:{teacher}", f"--out_dir={out_dir}",
-                           "--batch_size=3", "--max_new_tokens=9", "--seed=7", *extra], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_script(SCRIPT, f"--teacher=gguf:{teacher}", f"--out_dir={out_dir}", "--batch_size=3",
+                      "--max_new_tokens=9", "--seed=7", *extra)
 
 
 def splits(out_dir):
@@ -81,7 +79,7 @@ def test_each_document_is_its_opening_then_the_model_up_to_its_end_token(teacher
 
 def test_chat_openings_are_rendered_in_the_models_template(teacher, tmp_path):
     assert prepare(teacher, tmp_path / "t", "--tokens=60").returncode == 0
-    from data.common import tokenizer_from_meta
+    from echo.tokenizer import tokenizer_from_meta
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     decode = tokenizer_from_meta(meta)[1]
     odd = np.fromfile(tmp_path / "t" / "chunks" / "00001.bin", dtype=meta["dtype"]).tolist()
@@ -148,8 +146,7 @@ def test_eval_only_evaluates_a_dataset_prepared_for_evaluation_only(data_dir, tm
     run(str(tmp_path / "data"), tmp_path / "run", max_iters=4, eval_interval=2)
     def args(out_dir, **kw):
         return tiny_args(str(tmp_path / "data"), out_dir, dataset="heldout", init_from=f"ckpt:{tmp_path / 'run'}", **kw)
-    r = subprocess.run([sys.executable, "train.py", *args(tmp_path / "eval", eval_only=True)], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = run_script("train.py", *args(tmp_path / "eval", eval_only=True))
     assert r.returncode == 0, r.stderr
     (record,) = read_log(tmp_path / "eval")
     assert record["train_loss"] is None and record["val_loss"] > 0 and "step 0: val loss" in r.stdout
@@ -157,6 +154,6 @@ def test_eval_only_evaluates_a_dataset_prepared_for_evaluation_only(data_dir, tm
     run(str(tmp_path / "data"), tmp_path / "beside", init_from=f"ckpt:{tmp_path / 'run'}", eval_datasets="heldout",
         max_iters=0)
     assert read_log(tmp_path / "beside")[0]["eval_losses"]["heldout"] == record["val_loss"]
-    train = subprocess.run([sys.executable, "train.py", *args(tmp_path / "t2")], capture_output=True, text=True, cwd=ROOT)
+    train = run_script("train.py", *args(tmp_path / "t2"))
     assert train.returncode == 1 and "prepared for evaluation only" in train.stderr
     assert len(train.stderr.strip().splitlines()) == 1, train.stderr

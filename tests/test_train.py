@@ -7,7 +7,7 @@ import torch
 
 from echo.checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
-from conftest import ROOT, read_log, run, tiny_args
+from conftest import ROOT, read_log, run, run_script, tiny_args
 import model as model_module
 from model import UsageError
 from echo.costs import training_flops_per_token
@@ -88,8 +88,8 @@ def test_bad_settings_are_rejected(argv, match):
 
 
 def test_a_bare_flag_means_true_and_is_recorded_as_set():
-    cfg = configure(TrainConfig(), ["--compile", "--adapt_freeze", "--compile=False"])
-    assert (cfg.compile, cfg.adapt_freeze) == (False, True) and cfg.explicit == {"compile", "adapt_freeze"}
+    cfg = configure(TrainConfig(), ["--compile", "--eval_only", "--compile=False"])
+    assert (cfg.compile, cfg.eval_only) == (False, True) and cfg.explicit == {"compile", "eval_only"}
 
 
 def test_settings_apply_in_order(tmp_path):
@@ -105,7 +105,7 @@ def test_settings_apply_in_order(tmp_path):
 def test_cli_errors_are_one_line(data_dir, tmp_path):
     for argv in (["--n_layers=3"], tiny_args(data_dir, tmp_path, dataset="absent"),
                  tiny_args(data_dir, tmp_path, kv_share="echo:9"), tiny_args(data_dir, tmp_path, init_from="resume")):
-        r = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, cwd=ROOT)
+        r = run_script("train.py", *argv)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -154,16 +154,17 @@ def test_mfu_while_layers_are_frozen_counts_what_is_computed(data_dir, pretraine
     from echo.checkpoint import load_checkpoint, model_from_checkpoint
     from echo.conversion import adaptation_stages, enter_stage
     run(data_dir, tmp_path, init_from=f"ckpt:{pretrained}", kv_share_target="echo:3", adapt_iters=2,
-        adapt_freeze=True, max_iters=8, log_interval=1, eval_interval=8, peak_flops=1e9)
+        trainable="stages:layers", max_iters=8, log_interval=1, eval_interval=8, peak_flops=1e9)
     logs = [r for r in read_log(tmp_path) if "loss" in r]
     model = model_from_checkpoint(load_checkpoint(os.path.join(pretrained, "ckpt.pt")))
-    stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources}, "echo:3", freeze=True)
+    stages = adaptation_stages({"kv_sources": model.kv_sources, "att_sources": model.att_sources}, "echo:3",
+                               trainable="stages:layers")
     flops = []
     for st in stages:
         model = enter_stage(model, st, "keep")
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         flops.append(training_flops_per_token(model.config, 32, frozen))
-    assert [st["freeze"] for st in stages] == [True, True, True, False] and flops[0] < flops[1] < flops[2] < flops[3]
+    assert [st["trainable"] for st in stages] == ["layers"] * 3 + ["all"] and flops[0] < flops[1] < flops[2] < flops[3]
     for r in logs:  # the stage of a log line is the stage its iterations trained in
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops[r["stage"]] / 1e9), r
     assert {r["stage"] for r in logs} == {0, 1, 2, 3}
@@ -185,7 +186,7 @@ def test_eval_only_and_eval_datasets(data_dir, pretrained, tmp_path):
 
 
 def test_eval_datasets_with_other_tokens_or_none_are_one_line(data_dir, tmp_path):
-    from data.common import gpt2_meta
+    from echo.tokenizer import gpt2_meta
     other = os.path.join(data_dir, "other")
     os.makedirs(other, exist_ok=True)
     meta = dict(gpt2_meta(), dtype="uint16")  # another tokenizer, written by hand (tiktoken not needed)
@@ -196,8 +197,7 @@ def test_eval_datasets_with_other_tokens_or_none_are_one_line(data_dir, tmp_path
     np.arange(100, dtype=np.uint16).tofile(os.path.join(other, "val.bin"))  # an evaluation-only dataset: val.bin alone
     for extra, match in [("other", "'other' is tokenized with other tokens than dataset 'tiny'"),
                          ("absent", "dataset 'absent' is not prepared"), ("val", "'val' names a split")]:
-        r = subprocess.run([sys.executable, "train.py", *tiny_args(data_dir, tmp_path / extra, eval_datasets=extra)],
-                           capture_output=True, text=True, cwd=ROOT)
+        r = run_script("train.py", *tiny_args(data_dir, tmp_path / extra, eval_datasets=extra))
         assert r.returncode == 1 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
 
 
@@ -219,15 +219,15 @@ def test_trainable_sets_what_gets_a_gradient_and_the_flops(trainable):
     and no backward runs below the lowest trained weight (layer 1 here, so not through layer 0 or the embedding)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from echo.conversion import TRAINABLE, enter_stage
+    from echo.conversion import TRAINABLE, adaptation_stages, enter_stage
     from model import LLaMA, ModelConfig
     assert trainable in TRAINABLE
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=13, block_size=7, n_layer=5, n_head=3, n_kv_head=1, n_embd=12, intermediate_size=20,
                       kv_share="0,1,1,3,4", att_share="0,1,2,3,3")
     model = LLaMA(cfg)
-    stage = {"kv_sources": model.kv_sources, "att_sources": model.att_sources, "freeze": False}
-    model = enter_stage(model, stage, "keep", trainable)
+    stage = {"kv_sources": model.kv_sources, "att_sources": model.att_sources, "trainable": trainable}
+    model = enter_stage(model, stage, "keep")
     names = {name for name, _ in model.named_parameters()}
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trained == (names if trainable == "all" else EXPECTED_TRAINED[trainable])
@@ -237,7 +237,10 @@ def test_trainable_sets_what_gets_a_gradient_and_the_flops(trainable):
     for name, p in model.named_parameters():
         assert (p.grad is not None and p.grad.abs().sum() > 0) == (name in trained), name
     assert counter.get_total_flops() == training_flops_per_token(cfg, 7, names - trained) * 2 * 7
-    # a freezing stage (adapt_freeze) trains the consumers' layers, unless trainable names a narrower set
-    frozen_stage = dict(stage, freeze=True)
-    again = {n for n, p in enter_stage(model, frozen_stage, "keep", trainable).named_parameters() if p.requires_grad}
-    assert again == EXPECTED_TRAINED["layers" if trainable == "all" else trainable]
+    # stages:X trains X in a layer-wise conversion's stages and everything in the final fine-tuning
+    if trainable != "all":
+        stages = adaptation_stages({"kv_sources": list(range(5)), "att_sources": list(range(5))}, "0,1,1,3,4",
+                                   "0,1,2,3,3", f"stages:{trainable}")
+        for st, expected in ((stages[0], EXPECTED_TRAINED[trainable]), (stages[-1], names)):
+            st = dict(st, kv_sources=model.kv_sources, att_sources=model.att_sources)  # all converted: compare sets
+            assert {n for n, p in enter_stage(model, st, "keep").named_parameters() if p.requires_grad} == expected

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from echo.checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import DEVICE, check_device, configure, precision, run_main
 from echo.conversion import convert_sharing
-from data.common import bpe_meta, stop_ids, text_encoder, tokenizer_from_meta
 from echo.generate import generate_tokens, regrow_cache
+from echo.tokenizer import bpe_meta, stop_ids, text_encoder, tokenizer_from_meta
 from model import UsageError
 from echo.pretrained import IMPORTS, import_pretrained
 
@@ -187,8 +187,11 @@ def evaluate(cfg):
         raise UsageError("batch_size must be at least 1, limit and num_fewshot at least 0")
     if cfg.include_path and not os.path.isdir(cfg.include_path):
         raise UsageError(f"include_path={cfg.include_path}: no such folder of task YAMLs")
-    manager = TaskManager(include_path=cfg.include_path or None)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    # the local tasks alone first: indexing lm-eval's thousands of its own takes seconds, needed only for those
+    manager = TaskManager(include_path=cfg.include_path, include_defaults=False) if cfg.include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=cfg.include_path or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if not tasks or unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown) or repr(cfg.tasks)}: see lm-eval's task list "

@@ -9,10 +9,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from configurator import run_main  # noqa: E402
 from data.common import parse_args, prepare_split_text  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-if __name__ == "__main__":
-    input_path, out_dir, meta = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)), bpe=True)
+
+def main(argv):
+    input_path, out_dir, meta = parse_args(argv, os.path.dirname(os.path.abspath(__file__)), bpe=True)
     prepare_split_text(URL, input_path, out_dir, lambda text: meta)
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -7,10 +7,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from data.common import char_meta, parse_args, prepare_split_text  # noqa: E402
+from configurator import run_main  # noqa: E402
+from data.common import parse_args, prepare_split_text  # noqa: E402
+from echo.tokenizer import char_meta  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-if __name__ == "__main__":
-    input_path, out_dir = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)))
+
+def main(argv):
+    input_path, out_dir = parse_args(argv, os.path.dirname(os.path.abspath(__file__)))
     prepare_split_text(URL, input_path, out_dir, char_meta)
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

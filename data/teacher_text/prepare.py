@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import check_device, run_main  # noqa: E402
-from data.common import bpe_meta, id_dtype, stop_ids, text_encoder  # noqa: E402
+from data.common import id_dtype  # noqa: E402
 from echo.generate import sample_logits  # noqa: E402
+from echo.tokenizer import bpe_meta, stop_ids, text_encoder  # noqa: E402
 from model import UsageError  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2.npz")

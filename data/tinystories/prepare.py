@@ -9,6 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from configurator import run_main  # noqa: E402
 from data.common import fetch_text, parse_args, write_dataset  # noqa: E402
 
 BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
@@ -27,8 +28,12 @@ def read_chunks(path, size=1 << 22):
             yield rest
 
 
-if __name__ == "__main__":
-    local, out_dir, meta = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)), bpe=True)
+def main(argv):
+    local, out_dir, meta = parse_args(argv, os.path.dirname(os.path.abspath(__file__)), bpe=True)
     paths = {split: fetch_text(BASE + name, local and os.path.join(local, name), os.path.join(out_dir, name))
              for split, name in FILES.items()}
     write_dataset(out_dir, meta, {"train": read_chunks(paths["train"]), "val": read_chunks(paths["val"])})
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -9,12 +9,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from configurator import run_main  # noqa: E402
 from data.common import chunked, parse_args, read_text, write_dataset  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "valid.txt.gz")
 
-if __name__ == "__main__":
-    input_path, out_dir, meta = parse_args(sys.argv[1:], os.path.dirname(os.path.abspath(__file__)), bpe=True)
+
+def main(argv):
+    input_path, out_dir, meta = parse_args(argv, os.path.dirname(os.path.abspath(__file__)), bpe=True)
     if input_path:
         text = read_text(input_path)
     else:
@@ -22,3 +24,7 @@ if __name__ == "__main__":
             text = f.read()
     print(f"{len(text):,} characters")
     write_dataset(out_dir, meta, {"val": chunked(text)})
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

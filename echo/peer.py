@@ -83,7 +83,7 @@ def peer_setup(peer, batch, length):
 @torch.no_grad()
 def peer_check(model, module, n=24):
     """Greedy tokens of our plain model and gpt-fast's with its weights, eager, from one random prompt: they must
-    agree (else one line). Then each one's kernels per compiled decode step. Returns both for the table."""
+    agree (else one line). Returns how many agreed."""
     peer, device = peer_model(module, model), model.tok_embeddings.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
     ours = greedy_tokens(lambda idx, pos: model(idx, input_pos=pos, all_logits=True)[0], model.setup_cache, prompt, n)
@@ -91,12 +91,17 @@ def peer_check(model, module, n=24):
     if not torch.equal(ours, theirs):
         raise UsageError(f"gpt-fast's greedy tokens differ from ours at token {int((ours != theirs).int().argmax())}: "
                          f"its model.py is not the one this conversion is written for")
-    kernels = {}
+    return n
+
+
+def peer_kernels(model, module):
+    """Kernels per compiled decode step (batch 1) of our model and of gpt-fast's with its weights."""
+    peer, device, kernels = peer_model(module, model), model.tok_embeddings.weight.device, {}
     for name, m, setup in (("ours", model, model.setup_cache), ("gpt-fast", peer, lambda b, t: peer_setup(peer, b, t))):
         torch._dynamo.reset()
         setup(1, min(128, model.config.block_size))
         kernels[name] = decode_kernels(torch.compile(m, fullgraph=True), 1, device)
-    return {"tokens_identical": n, "kernels": kernels}
+    return kernels
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Figures for analyze.py and bench.py: matplotlib is optional, needed only when a plot is asked for."""
+"""What the scripts show: bench.py's table, and the figures of analyze.py and bench.py (matplotlib is optional,
+needed only when a plot is asked for)."""
 import math
 
 import numpy as np
@@ -6,6 +7,56 @@ import numpy as np
 from model import UsageError
 from echo.measure import device_name
 from echo.runlog import sharing
+
+
+def bench_table(results, cfg, peaks):
+    """bench.py's readable rows: each figure and its ratio to the first variant (the baseline)."""
+    base = results[next(iter(results))]
+    rows = [("params (M)", "params", 1e-6), ("train tok/s", "train_tok_s", 1), ("train ms/iter", "train_ms_per_iter", 1),
+            ("MFU % (own FLOPs)", "mfu", 100), ("MFU % (baseline FLOPs)", "mfu_baseline_flops", 100),
+            ("train FLOPs/token (G)", "flops_per_token", 1e-9), ("train peak memory GiB", "train_peak_memory_gib", 1),
+            ("max micro-batch", "max_micro_batch", 1), ("KV-cache bytes/token", "kv_bytes_per_token", 1),
+            ("inference peak mem GiB", "inference_peak_memory_gib", 1),
+            ("KD step ms", "distill_step_ms", 1), ("KD: teacher forward ms", "distill_teacher_ms", 1),
+            ("KD: student fwd+bwd ms", "distill_student_ms", 1), ("KD: optimizer ms", "distill_optimizer_ms", 1),
+            ("KD: teacher share %", "distill_teacher_share", 100), ("KD step tok/s", "distill_tok_s", 1),
+            ("KD step MFU %", "distill_mfu", 100), ("KD peak memory GiB", "distill_peak_memory_gib", 1),
+            ("eval forward ms/batch", "eval_forward_ms", 1)]
+    for k in base:
+        if k.startswith("prefill_tok_s_"):
+            name = k[len("prefill_tok_s_"):]
+            label = name.replace("_", " ")
+            rows += [(f"prefill tok/s {label}", k, 1), (f"decode tok/s {label}", f"decode_tok_s_{name}", 1),
+                     (f"decode GB/s {label}", f"decode_gb_s_{name}", 1),
+                     (f"decode MBU % {label}", f"decode_mbu_{name}", 100)]
+    for k in base:
+        if k.startswith("ctx_decode_tok_s_"):
+            name = k[len("ctx_decode_tok_s_"):]
+            batch, context = name.split("_")
+            rows += [(f"decode tok/s {batch} ctx {context}", k, 1),
+                     (f"decode GB/s {batch} ctx {context}", f"ctx_decode_gb_s_{name}", 1)]
+    for k in base:
+        if k.startswith("cap_tok_s_"):
+            gib, context = k[len("cap_tok_s_"):].split("_")
+            rows += [(f"batch in {gib} GiB ctx {context}", f"cap_batch_{gib}_{context}", 1),
+                     (f"decode tok/s {gib} GiB ctx {context}", k, 1)]
+    if "naive_decode_tok_s_b1_short" in base:
+        rows.append(("naive decode tok/s b1 short", "naive_decode_tok_s_b1_short", 1))
+    lines = [f"{'':28}" + "".join(f"{spec:>20}" for spec in results)]
+    for label, key, scale in rows:
+        if base.get(key) is None:
+            continue
+        cells = []
+        for r in results.values():
+            val, ratio = r[key] * scale, (r[key] / base[key] if base[key] else float("nan"))
+            num = f"{val:,.0f}" if abs(val) >= 1000 else f"{val:.4g}"
+            cells.append(f"{num:>12}" + (f" ({ratio:.2f}x)" if r is not base else " " * 8))
+        lines.append(f"{label:28}" + "".join(f"{c:>20}" for c in cells))
+    head = (f"{cfg.preset}: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, "
+            f"vocab {cfg.vocab_size}, context {cfg.block_size}, batch {cfg.batch_size}, {cfg.dtype}, "
+            f"compile={cfg.compile}, {device_name(cfg.device)}\n"
+            f"MFU against: {peaks['flops']}; MBU against: {peaks['bytes']}")
+    return "\n".join([head] + lines)
 
 
 def pyplot():
