@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
+from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, keep_freed_memory, precision, run_main
 from echo.checkpoint import config_from_dict
 from echo.costs import decode_bytes_per_step, kv_cache_bytes, step_flops, training_flops_per_token
 from echo.distill import training_loss
@@ -170,16 +170,17 @@ def measure_train(v, cfg, setup):
 
 def measure_distill(v, cfg, setup):
     """Median ms of a conversion step's parts, as train.py runs it with the KD-only loss: the teacher's forward
-    alone; the step's forward and backward (training_loss, the teacher's forward inside); the optimizer's step;
-    and the student's no-grad forward on one batch, as an eval runs it."""
+    alone (without its head: the chunked loss applies both heads); the step's forward and backward (training_loss,
+    the teacher's forward inside); the optimizer's step; and the student's no-grad forward on one batch, as an
+    eval runs it."""
     kd_only = SimpleNamespace(distill_alpha=1.0, distill_hidden=0.0, distill_temperature=1.0)
     optimizer = make_optimizer(v.model, 1e-3, 0.1, (0.9, 0.99))
     x, y = v.tokens(cfg.batch_size, cfg.block_size), v.tokens(cfg.batch_size, cfg.block_size)
     autocast = precision(cfg.device, cfg.dtype)[1]
     parts = {"distill_teacher_ms": [], "distill_fwd_bwd_ms": [], "distill_optimizer_ms": [], "eval_forward_ms": []}
     for i in range(cfg.warmup_steps + cfg.train_steps):
-        with Timer(cfg.device) as teacher_t, torch.no_grad(), autocast:
-            setup.teacher(x, all_logits=True)
+        with Timer(cfg.device) as teacher_t, torch.inference_mode(), autocast:
+            setup.teacher(x, head=False)
         with Timer(cfg.device) as fwd_bwd:
             with autocast:
                 loss = training_loss(v.train_fn, x, y, kd_only, setup.teacher)[0]
@@ -327,6 +328,7 @@ def run(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # every variant compiles the same forward: allow the recompiles
     parts = check_parts(cfg)
+    keep_freed_memory(cfg.device)  # as train.py
     long_prompt = cfg.block_size - cfg.decode_tokens  # the long context fills the window
     setup = SimpleNamespace(
         dtype=precision(cfg.device, cfg.dtype)[0], batches=list(dict.fromkeys((1, cfg.decode_batch))),
@@ -336,9 +338,9 @@ def run(cfg):
         peer=load_peer(cfg.peer) if "peer" in parts else None, teacher=None)
     variants = [Variant(cfg, spec) for spec in variant_specs(cfg)]
     samples = {v.spec: {} for v in variants}
-    if "distill" in parts:  # the unconverted model of the same shape, frozen, as train.py's default teacher
+    if "distill" in parts:  # the unconverted model of the same shape, frozen, as train.py holds its default teacher
         teacher = LLaMA(replace(variants[0].model.config, kv_share="none", att_share="none"))
-        teacher.eval().requires_grad_(False).to(cfg.device)
+        teacher.eval().requires_grad_(False).to(cfg.device, setup.dtype)
         setup.teacher = torch.compile(teacher) if cfg.compile else teacher
     if setup.peer:  # before any timing: the same weights must give the same greedy tokens in both
         model = inference_layout(variants[0].model.to(cfg.device))

@@ -3,6 +3,7 @@
 cannot run into one clear line, and reading a JSON file the same way. Every script reads its settings here."""
 import ast
 import contextlib
+import ctypes
 import difflib
 import json
 import os
@@ -16,8 +17,26 @@ from model import UsageError
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = "bfloat16" if CUDA and torch.cuda.is_bf16_supported() else "float32"  # fp16 would need a GradScaler
-COMPILE = CUDA  # compiling pays off on a GPU; on a CPU the first steps' compile time rarely comes back
+COMPILE = CUDA  # compiling pays off on a GPU; on a CPU only over a long run (its first steps take minutes)
+
+
+def default_dtype(cuda=CUDA, capabilities=None):
+    """(dtype, why) for runs that do not say: bf16 where the matrix units have it, else fp32 (fp16 would need a
+    GradScaler). On a CPU that means bf16 dot products in hardware, AMX or AVX512-BF16: measured 4x the fp32
+    matmul rate on the AMD EPYC with AVX512-BF16 here and 7-8x on a Xeon with AMX (docs/RESULTS.md); without them
+    bf16 is emulated, slower than fp32."""
+    if cuda:
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "the GPU has bf16"
+        return "float32", "the GPU has no bf16"
+    caps = capabilities if capabilities is not None else getattr(torch.cpu, "get_capabilities", dict)()
+    units = [name for name in ("amx_bf16", "avx512_bf16") if caps.get(name)]
+    if units:
+        return "bfloat16", f"the CPU has bf16 dot products in hardware ({', '.join(units)})"
+    return "float32", "the CPU has no bf16 dot products in hardware (AMX, AVX512-BF16): bf16 would be emulated"
+
+
+DTYPE, DTYPE_WHY = default_dtype()
 
 
 def configure(cfg, argv):
@@ -102,6 +121,22 @@ def precision(device, dtype):
     ptdtype = getattr(torch, dtype)
     device_type = torch.device(device).type
     return ptdtype, (contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype))
+
+
+def keep_freed_memory(device):
+    """On a CPU under Linux's glibc, keep freed memory in the process for the next allocation. By default glibc
+    maps every block over 32 MB (a weight's gradient, the logits' gradient, a large batch's activations) on its
+    own and unmaps it when freed, so each training step page-faults its large tensors in anew: a SmolLM2
+    conversion step ran 1.27x faster without that, for 5% more peak memory (docs/RESULTS.md). Elsewhere (a GPU,
+    another C library) it does nothing. Returns whether it took effect."""
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def run_main(main, *args):

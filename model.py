@@ -10,9 +10,7 @@ q, k and v each layer attends with is one rule, `projection_sources`; weights, c
 the cost counts all follow from it.
 
 Parts, top to bottom: config + sharing specs and the rule, LLaMA pieces (RMSNorm, RoPE, attention, SwiGLU),
-the layer-aware KV cache, the model. Elsewhere, in the library echo/: what sharing saves (costs.py), converting
-a model between specs (conversion.py), generation (generate.py), our checkpoints (checkpoint.py) and weights
-from Hugging Face or GGUF files (pretrained.py).
+the layer-aware KV cache, the model. The rest (costs, conversion, generation, files) is the library echo/.
 """
 import math
 from collections import namedtuple
@@ -135,9 +133,8 @@ def projection_sources(kv_sources, att_sources, i):
 
 
 def reused_attention(reads_from, i):
-    """The lower layer whose attention pattern softmax(q k^T) layer i reuses whole, or None: the one attending with
-    its own q and the very keys layer i attends with. Derived from the rule (reads_from), not a second one: a rule
-    giving an attention consumer keys of its own would end the reuse (and decode's saving) here."""
+    """The lower layer whose softmax(q k^T) layer i reuses whole (the one attending with its own q and the keys i
+    attends with), or None. Derived from the rule (reads_from): keys of its own would end the reuse here."""
     j = reads_from[i]["q"]
     return j if j != i and reads_from[j]["q"] == j and reads_from[j]["k"] == reads_from[i]["k"] else None
 
@@ -177,9 +174,8 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-# Attended: what a layer attended with, kept for the layers above: rotated q (B, H, T, hd), rotated k and v (B, KVH,
-# S, hd), S = T in a full pass or the cache's length; at decode, if layers above reuse it, probs (B, KVH, G*T, S).
-# Given: what a layer is handed by its sources, the same fields; None for what it computes itself.
+# Attended: what a layer attended with, for the layers above: rotated q (B, H, T, hd), k and v (B, KVH, S, hd), S = T
+# or the cache's length, at decode probs (B, KVH, G*T, S) if reused. Given: what its sources hand it (None: its own).
 Attended = namedtuple("Attended", "q k v probs")
 Given = namedtuple("Given", "q k v probs", defaults=(None, None, None, None))
 
@@ -190,9 +186,8 @@ DECODE = "decode"    # one new token per sequence through the cache (generation'
 
 
 class Attention(nn.Module):
-    """Grouped-query causal attention. `computes` (computed_projections, e.g. ["q"]) lists the projections the
-    layer has, in q, k, v order (the fused matrix's rows too); the others it is handed (`given`). Every layer
-    has wo. attention_reused: layers above reuse its attention, so a decode step hands them its probabilities."""
+    """Grouped-query causal attention with the projections `computes` lists (computed_projections, e.g. ["q"]), in
+    q, k, v order; the others it is handed (`given`); always wo. attention_reused: decode hands up its probs."""
 
     def __init__(self, cfg, computes, attention_reused=False):
         super().__init__()
@@ -205,14 +200,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
     def project(self, x, given):
-        """The projections this layer computes and is not handed in `given` (a layer handed one it could compute
-        uses what it is handed: LLaMA.layer_step's `reads`): {"q": (B, n_head, T, hd), "k", "v": (B, n_kv_head,
-        T, hd)}. In the inference layout (generate.inference_layout) they are rows of one matrix wqkv: one matmul."""
+        """The projections it computes and is not handed (`reads` may hand it one): {"q": (B, n_head, T, hd), "k", "v":
+        (B, n_kv_head, T, hd)}; in the inference layout (generate.inference_layout) rows of one matrix wqkv."""
         wanted = [p for p in self.computes if getattr(given, p) is None]
-        if hasattr(self, "wqkv"):
-            outs = dict(zip(self.computes, self.wqkv(x).split(self.rows, -1)))
-        else:
-            outs = {p: getattr(self, f"w{p}")(x) for p in wanted}
+        outs = (dict(zip(self.computes, self.wqkv(x).split(self.rows, -1))) if hasattr(self, "wqkv")
+                else {p: getattr(self, f"w{p}")(x) for p in wanted})
         return {p: outs[p].unflatten(-1, (self.heads[p], self.head_dim)).transpose(1, 2)  # (B, heads, T, hd)
                 for p in wanted}
 
@@ -230,10 +222,11 @@ class Attention(nn.Module):
         q = apply_rope(own["q"], cos, sin) if "q" in own else given.q
         k = to_cache("k", apply_rope(own["k"], cos, sin)) if "k" in own else given.k
         v = to_cache("v", own["v"]) if "v" in own else given.v
-        probs = None
-        if mode == FULL:  # from position 0: SDPA's own causal mask (flash kernel, GQA included)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        probs, dropout = None, self.dropout if self.training else 0.0
+        if mode == FULL and not dropout and explicit_is_faster(q.device.type, q.dtype, T):  # a CPU, bf16, short block
+            y = attend_explicit(q, k, v, torch.ones(T, T, dtype=torch.bool, device=q.device).tril())[0]
+        elif mode == FULL:  # from position 0: SDPA's own causal mask (flash kernel, GQA included)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, dropout_p=dropout)
         elif mode == DECODE and given.probs is not None:  # an attention consumer: its source's probabilities,
             y = mix_values(given.probs, v, self.n_head)     # no keys read, no scores
         elif mode == DECODE and self.attention_reused:  # layers above reuse it: compute the probabilities once
@@ -257,19 +250,23 @@ def attend_masked(q, k, v, mask):
     return y.reshape(B, H, T, hd)
 
 
-# Reusing attention at decode (EchoAtt's inference saving): for one new token per sequence the probabilities
-# are small, (B, H, 1, S) against (B, KVH, S, hd) for the keys (at SmolLM2's shape 21x smaller), so the source
-# hands them up and an attention consumer reads no keys and computes no scores. In training and prefill the
-# consumers recompute through SDPA instead: T x T probabilities would cost more memory traffic than they save.
-
 def attend_explicit(q, k, v, mask):
     """attend_masked, with the probabilities computed explicitly and returned too: (y (B, H, T, hd), probs
-    (B, KVH, G*T, S) in the folded layout, row g*T + t = query head kvh*G + g at step t)."""
+    (B, KVH, G*T, S) in the folded layout, row g*T + t = query head kvh*G + g at step t). At decode they are
+    small (at SmolLM2's shape 21x the keys' bytes), so a source hands them up and its attention consumers read
+    no keys and compute no scores (EchoAtt's saving); training and prefill recompute instead (T x T would cost
+    more traffic than it saves)."""
     B, H, T, hd = q.shape
     G = H // k.size(1)
     scores = q.reshape(B, k.size(1), G * T, hd) @ k.transpose(-1, -2) / math.sqrt(hd)  # (B, KVH, G*T, S)
     probs = scores.float().masked_fill(~mask.repeat(G, 1), float("-inf")).softmax(-1).to(v.dtype)
     return mix_values(probs, v, H), probs
+
+
+def explicit_is_faster(device_type, dtype, T):
+    """Whether attend_explicit beats SDPA for a full causal pass of T positions: on a CPU in bf16 or fp16 up to 512
+    positions (the CPU flash kernel's backward is 2-3x slower there: docs/RESULTS.md); never on a GPU or in fp32."""
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and T <= 512
 
 
 def mix_values(probs, v, n_head):
@@ -329,8 +326,7 @@ class KVCache(nn.Module):
         return getattr(self, f"{which}{number}")
 
     def write(self, which, number, input_pos, x):
-        """Write x (B, KVH, T, hd) at positions input_pos (T,) of a slot; return the slot's whole (B, KVH, S, hd).
-        The cache keeps its own dtype (under autocast x may arrive in another)."""
+        """Write x (B, KVH, T, hd) at input_pos (T,), in the cache's dtype; return the whole slot (B, KVH, S, hd)."""
         buffer = self.slot(which, number)
         buffer[:, :, input_pos] = x.to(buffer.dtype)
         return buffer
@@ -345,8 +341,7 @@ class KVCache(nn.Module):
 
 
 def assign_cache_slots(computes):
-    """The cache slots per layer, (K slot number, V slot number): where it caches the keys (values) it computes,
-    None where it computes none. Slots are numbered in layer order."""
+    """(K slot, V slot) per layer: where it caches the keys (values) it computes, None if none; in layer order."""
     k_layers, v_layers = ([i for i, c in enumerate(computes) if p in c] for p in ("k", "v"))
     return [(k_layers.index(i) if "k" in c else None, v_layers.index(i) if "v" in c else None)
             for i, c in enumerate(computes)]
@@ -374,14 +369,12 @@ class LLaMA(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.kv_cache = None
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+        for m in self.modules():  # GPT-2's init: N(0, 0.02), then the residual projections scaled down
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
@@ -395,8 +388,8 @@ class LLaMA(nn.Module):
         return self
 
     def setup_cache(self, batch_size, max_len, dtype=None):
-        """Preallocate the static KV cache: K and V slots for the layers that compute them, max_len positions
-        each, in the dtype K/V are computed in: autocast's if autocast is on, else the weights'."""
+        """The static KV cache: K and V slots of max_len positions for the layers that compute them, in the dtype
+        K/V are computed in (autocast's if it is on, else the weights')."""
         if max_len > self.config.block_size:
             raise UsageError(f"cache length {max_len} exceeds the context window block_size={self.config.block_size}")
         device = self.tok_embeddings.weight.device
@@ -407,14 +400,12 @@ class LLaMA(nn.Module):
         if c is not None and (c.batch_size, c.max_len, c.dtype, c.k0.device) == (batch_size, max_len, dtype, device):
             return  # reuse: stale entries are never read (masked, then overwritten), and a compiled step stays valid
         n_k, n_v = (sum(n is not None for n in numbers) for numbers in zip(*self.cache_slots))
-        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
-                                dtype, device)
+        self.kv_cache = KVCache(n_k, n_v, batch_size, max_len, self.config.n_kv_head, self.config.head_dim, dtype, device)
 
     def layer_step(self, i, x, seen, *, rope, mode=FULL, mask=None, cache=None, input_pos=None, reads=None):
-        """Run layer i on the residual stream x. seen[j] is what layer j attended with (an Attended); layer i is
-        handed the q, k, v its sources attended with (reads_from[i]), and its own Attended is appended.
-        reads: other sources for one full pass ({"q": j, ..}: analysis trying a pairing without converting the
-        model; the layer's own projections sit idle). Cache slots and decode reuse follow the model's own specs."""
+        """Run layer i on the residual stream x, handed the q, k, v its sources attended with (seen[j]: layer j's
+        Attended; reads_from[i]), and append its own Attended. reads: other sources for one full pass (analysis
+        trying a pairing unconverted: the layer's own projections sit idle); cache slots follow the model's specs."""
         src = reads or self.reads_from[i]
         given = Given(*(getattr(seen[src[p]], p) if src[p] != i else None for p in "qkv"),
                       probs=seen[self.reuses[i]].probs if self.reuses[i] is not None else None)  # decode only
@@ -423,12 +414,12 @@ class LLaMA(nn.Module):
         seen.append(attended)
         return x
 
-    def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=()):
-        """idx: (B, T) token ids. Without input_pos: a full causal pass from position 0 (training).
-        With input_pos (T,): the tokens sit at those positions and attend through the KV cache.
-        Returns (logits, loss, hidden). Logits: (B, T, V) with targets or all_logits, else (B, 1, V) for the last
-        position only: generating needs no more (at a 2k prompt that saves a (B, 2k, 32000) fp32 tensor). Loss: the
-        cross-entropy with targets, else None. Hidden: the residual stream (B, T, C) after each layer in hidden_at."""
+    def forward(self, idx, targets=None, input_pos=None, all_logits=False, hidden_at=(), head=True):
+        """idx: (B, T) token ids; without input_pos a full causal pass from position 0 (training), with input_pos
+        (T,) the tokens sit there and attend through the KV cache. Returns (logits, loss, hidden): logits (B, T, V)
+        with targets or all_logits, else (B, 1, V), the last position's, all generating needs; loss the CE with
+        targets; hidden the residual stream (B, T, C) after each layer in hidden_at. head=False: the normed stream
+        (B, T, C) instead of logits, for a loss that applies the head in chunks (echo/distill.py)."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -449,6 +440,8 @@ class LLaMA(nn.Module):
             x = self.layer_step(i, x, seen, rope=rope, mode=mode, mask=mask, cache=cache, input_pos=input_pos)
             if i in hidden_at:
                 hidden.append(x)
+        if not head:
+            return self.norm(x), None, hidden                                            # (B, T, C)
         if targets is None and not all_logits:
             x = x[:, -1:]                                                                # (B, 1, C)
         logits = self.output(self.norm(x)).float()                                       # (B, T or 1, V)

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import COMPILE, DEVICE, DTYPE, check_device, configure, precision, run_main
+from configurator import (COMPILE, DEVICE, DTYPE, DTYPE_WHY, check_device, configure, keep_freed_memory, precision,
+                          run_main)
 from data.loader import batch_generator, get_batch, load_dataset
 from echo.checkpoint import (config_from_dict, model_from_checkpoint, restore_training_state, resume_checkpoint, rng_state,
                              same_tokens, save_checkpoint)
@@ -260,6 +261,7 @@ def train(cfg):
         raise UsageError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: not divisible by {world} ranks")
     accum = cfg.gradient_accumulation_steps // world
     ptdtype, autocast = precision(cfg.device, cfg.dtype)
+    keep_freed_memory(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's) ...
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -281,8 +283,9 @@ def train(cfg):
     train_seconds = float(ckpt.get("train_seconds", 0.0)) if ckpt else 0.0  # wall time training, evals excluded
     stage_num = resumed_stage_num(ckpt, iter_num, stages, cfg.adapt_iters)
     raw_model, model, optimizer = build(model, stages[stage_num], cfg, ddp)
-    if teacher is not None:  # in the run's dtype under its autocast, compiled when the student is
-        teacher = torch.compile(teacher.to(cfg.device)) if cfg.compile else teacher.to(cfg.device)
+    if teacher is not None:  # held in the run's dtype (cast once here, not by autocast every step), compiled with
+        teacher = teacher.to(cfg.device, ptdtype)  # the student
+        teacher = torch.compile(teacher) if cfg.compile else teacher
     scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.dtype == "float16")
     if ckpt:
         restore_training_state(ckpt, optimizer, scaler, rank, world, cfg.device,
@@ -293,6 +296,7 @@ def train(cfg):
     if master:
         log = RunLog(cfg.out_dir, cfg.max_iters, iter_num, resumed=cfg.init_from == "resume")
         print(describe_run(raw_model, stages, cfg.adapt_iters))
+        print(f"dtype {cfg.dtype}: " + ("as set" if "dtype" in cfg.explicit else DTYPE_WHY))
         print(f"tokens per iteration: {tokens_per_iter:,} = {world} processes x {accum} accumulation "
               f"x {cfg.batch_size} batch x {cfg.block_size} context")
 

@@ -16,5 +16,5 @@ eval_iters = 16                   # 16 batches of 4 x 128 per split and eval
 log_interval = 10
 distill_alpha = 0.5               # loss = 0.5 CE + 0.5 KL(unconverted || converted)
 device = "cpu"
-dtype = "float32"
 compile = False
+# dtype: the machine's default, bf16 where the CPU has bf16 dot products, else fp32

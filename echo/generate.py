@@ -168,8 +168,27 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=
     return logits.softmax(-1)
 
 
+NUCLEUS_CANDIDATES = 2048  # top-p looks for its nucleus among this many likeliest tokens first (see sample_logits)
+
+
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None):
-    """(B, V) logits -> (B, 1) token ids. temperature 0 = greedy; vocab_limit drops padded vocab ids."""
+    """(B, V) logits -> (B, 1) token ids drawn from sampling_probs' distribution. temperature 0 = greedy;
+    vocab_limit drops padded vocab ids. With top_p, the nucleus is found among the likeliest NUCLEUS_CANDIDATES
+    tokens (or top_k's) and the token drawn among them: sorting and sampling a whole 49k vocabulary per row took
+    most of a batched decode step on a CPU. A row whose nucleus reaches past the candidates is drawn the slow way."""
     if temperature == 0:
         return logits[:, :vocab_limit].argmax(dim=-1, keepdim=True)
-    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p, vocab_limit), num_samples=1)
+    if top_p is None or top_p >= 1.0:
+        return torch.multinomial(sampling_probs(logits, temperature, top_k, None, vocab_limit), num_samples=1)
+    logits = logits[:, :vocab_limit].float() / temperature
+    k = min(top_k or NUCLEUS_CANDIDATES, logits.size(-1))
+    candidates, ids = logits.topk(k, dim=-1)                                       # (B, k), likeliest first
+    # the softmax over top_k's tokens, or over all of them
+    probs = candidates.softmax(-1) if top_k else logits.softmax(-1).gather(1, ids)
+    keep = probs.cumsum(-1) - probs < top_p  # drop a token once those before it cover top_p
+    keep[:, 0] = True                        # the likeliest token always stays
+    tokens = ids.gather(1, torch.multinomial(probs * keep, num_samples=1))         # (B, 1)
+    open_rows = (keep[:, -1] & (k < logits.size(-1))).nonzero().flatten() if not top_k else []
+    if len(open_rows):  # the nucleus may reach past the candidates: those rows the slow way
+        tokens[open_rows] = torch.multinomial(sampling_probs(logits[open_rows], 1.0, None, top_p), num_samples=1)
+    return tokens

@@ -12,7 +12,8 @@ from echo.costs import decode_bytes_per_step, kv_cache_bytes, training_flops_per
 
 def test_quick_bench_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_script("bench.py", "--quick=True", "--rounds=1", "--naive=True", "--peak_bytes=1e10", f"--json={out}")
+    r = run_script("bench.py", "--quick=True", "--rounds=1", "--naive=True", "--peak_bytes=1e10", f"--json={out}",
+                   "--dtype=float32")  # the byte counts below are fp32's, whatever this CPU's default
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert {"device", "torch", "config", "results"} <= set(report)
@@ -63,7 +64,7 @@ def test_decode_against_context(tmp_path):
     a cache that does not fit the window is one line; the plot is written."""
     out, png = tmp_path / "ctx.json", tmp_path / "ctx.png"
     args = ["bench.py", "--parts=context", "--contexts=5,40,100", "--decode_tokens=7", "--rounds=1",
-            "--decode_batch=3", "--variants=none;echo:3;att=echo:5", f"--json={out}", f"--plot={png}"]
+            "--decode_batch=3", "--variants=none;echo:3;att=echo:5", f"--json={out}", f"--plot={png}", "--dtype=float32"]
     r = run_script(*args)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
@@ -87,7 +88,7 @@ def test_decode_at_a_fixed_cache_budget(tmp_path):
     """parts=capacity: each variant decodes at the largest batch whose KV cache fits the budget (counted from
     the slots it really caches), so K/V sharing fits more sequences; bad budgets and plots are one line."""
     out, png = tmp_path / "cap.json", tmp_path / "cap.png"
-    args = ["bench.py", "--parts=capacity", "--contexts=9,50", "--cache_budget=0.0002,0.0011",
+    args = ["bench.py", "--parts=capacity", "--contexts=9,50", "--cache_budget=0.0002,0.0011", "--dtype=float32",
             "--decode_tokens=5", "--rounds=1", "--variants=none;echo:5;att=echo:3", f"--json={out}", f"--plot={png}"]
     r = run_script(*args)
     assert r.returncode == 0, r.stderr
@@ -142,18 +143,19 @@ def test_conversion_step_split(tmp_path):
 
 
 def test_conversion_step_is_the_training_step():
-    """What parts=distill times is a real KD step: the teacher's forward returns every position's logits (once
-    alone, once inside training_loss), the student learns (its weights move) and is left in training mode."""
+    """What parts=distill times is a real KD step: the teacher's forward without its head (once alone, once inside
+    training_loss, whose chunked loss applies it), the student learns (its weights move) and is left in training
+    mode."""
     cfg = parse(["--block_size=24", "--n_layer=4", "--variants=echo:2"])
     variant = Variant(cfg, "echo:2")
     teacher = LLaMA(ModelConfig(**{**variant.model.config.__dict__, "kv_share": "none"})).eval()
     calls = []
     forward = teacher.forward
-    teacher.forward = lambda x, *a, **kw: calls.append(kw.get("all_logits")) or forward(x, *a, **kw)
+    teacher.forward = lambda x, *a, **kw: calls.append(kw.get("head")) or forward(x, *a, **kw)
     before = [p.detach().clone() for p in variant.model.parameters()]
     cfg.warmup_steps, cfg.train_steps = 1, 2
     parts = measure_distill(variant, cfg, SimpleNamespace(teacher=teacher))
-    assert calls == [True] * 6 and set(parts) == {"distill_teacher_ms", "distill_fwd_bwd_ms",
+    assert calls == [False] * 6 and set(parts) == {"distill_teacher_ms", "distill_fwd_bwd_ms",
                                                    "distill_optimizer_ms", "eval_forward_ms"}
     assert all(not torch.equal(a, b) for a, b in zip(before, variant.model.parameters()))
     assert variant.model.training and not any(p.grad is not None for p in variant.model.parameters())

@@ -31,7 +31,11 @@ def cuda_kernel(q, k, attn_mask, enable_gqa):
 
 @pytest.fixture
 def sdpa_calls(monkeypatch):
-    """Record every call to F.scaled_dot_product_attention, with the kernel CUDA would pick for it."""
+    """Record every call to F.scaled_dot_product_attention, with the kernel CUDA would pick for it. Attention takes
+    the path it takes on a GPU (SDPA, not the CPU's explicit math in bf16)."""
+    import model as model_module
+    decide = model_module.explicit_is_faster
+    monkeypatch.setattr(model_module, "explicit_is_faster", lambda device_type, dtype, T: decide("cuda", dtype, T))
     calls, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -233,17 +237,17 @@ def test_the_gpu_conversion_config_is_one_graph_in_bf16_with_flash_attention_and
     torch.manual_seed(0)
     shape = ModelConfig(vocab_size=49152, block_size=cfg.block_size, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                         intermediate_size=1536, tie_embeddings=True)
-    teacher = LLaMA(shape).requires_grad_(False)
+    teacher = LLaMA(shape).requires_grad_(False).to(torch.bfloat16)  # held in the run's dtype, as train.py holds it
     student = LLaMA(dataclasses.replace(shape, kv_share=KV7))
     x = torch.randint(0, shape.vocab_size, (1, 65))
     x, y = x[:, :-1], x[:, 1:]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for model, kwargs in ((student, dict(targets=y)), (teacher, dict(all_logits=True))):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training_loss calls them: the heads run in its loss
+        for model, kwargs in ((student, dict(head=False)), (teacher, dict(head=False))):
             torch._dynamo.reset()
             explained = torch._dynamo.explain(model)(x, **kwargs)
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     assert len(sdpa_calls) == 2 * 30 and {c["kernel"] for c in sdpa_calls} == {"flash"}
     assert {(c["q_heads"], c["kv_heads"]) for c in sdpa_calls} == {(9, 3)}  # GQA reaches flash unexpanded
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        training_loss(student, x, y, cfg, teacher)[0].backward()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.autocast("cpu", torch.bfloat16):
+        training_loss(student, x, y, cfg, teacher)[0].backward()  # the heads and the loss in chunks (HeadLoss)
     assert counter.get_total_flops() == step_flops(student, teacher, 64) * 64

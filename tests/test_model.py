@@ -183,3 +183,34 @@ def test_the_documented_spec_examples_are_exact():
     assert set(doc) == {"none", "echo:2", "cla:2", "cla:4", "0,0,2,2,2,5"} and "cla:4" in readme and len(readme) >= 5
     for spec, shown in {**doc, **readme}.items():
         assert resolve_sources(spec, 6) == expected[spec] == eval(shown), spec
+
+
+def test_a_full_pass_attends_explicitly_only_on_a_cpu_in_half_precision_at_short_blocks():
+    from model import explicit_is_faster
+    assert explicit_is_faster("cpu", torch.bfloat16, 512) and explicit_is_faster("cpu", torch.float16, 3)
+    assert not explicit_is_faster("cpu", torch.bfloat16, 513) and not explicit_is_faster("cpu", torch.float32, 64)
+    assert not explicit_is_faster("cuda", torch.bfloat16, 64)  # a GPU keeps SDPA's flash kernel
+
+
+@pytest.mark.parametrize("spec", ["kv=0,1,1,3,3", "att=0,1,1,3,1", "kv=0,0,2,2,4 att=0,1,2,3,2"])
+def test_explicit_attention_equals_sdpa_under_bf16(spec, monkeypatch):
+    """The CPU's bf16 shortcut (attend_explicit with a causal mask) against SDPA's causal kernel: logits and every
+    gradient equal within bf16's rounding, with GQA and both sharing kinds, at a block that is no power of two."""
+    import model as model_module
+    from bench import variant_sharing
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=61, block_size=32, n_layer=5, n_head=6, n_kv_head=2, n_embd=48,
+                              **variant_sharing(spec)))
+    idx = torch.randint(0, 61, (2, 27))
+    results = []
+    for explicit in (True, False):
+        monkeypatch.setattr(model_module, "explicit_is_faster", lambda device_type, dtype, T: explicit)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss, _ = model(idx, idx)
+        loss.backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, atol=3e-2 * gb.abs().max().item(), rtol=0)

@@ -76,6 +76,10 @@ def test_training_forward_and_decode_step_are_one_graph(spec):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(idx, targets=idx)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training_loss's call, the CPU's explicit attention in bf16
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(idx, head=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     model.eval().setup_cache(2, 24)
     with torch.no_grad():
         torch._dynamo.reset()

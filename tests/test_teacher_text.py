@@ -26,6 +26,8 @@ def teacher(tmp_path_factory):
 
 
 def prepare(teacher, out_dir, *extra):
+    """The writer on the tiny teacher, eager (compiling it is one test's point)."""
+    extra = extra if any(e.startswith("--compile") for e in extra) else (*extra, "--compile=False")
     return run_script(SCRIPT, f"--teacher=gguf:{teacher}", f"--out_dir={out_dir}", "--batch_size=3",
                       "--max_new_tokens=9", "--seed=7", *extra)
 
@@ -35,19 +37,20 @@ def splits(out_dir):
 
 
 def test_same_seed_same_text_and_a_resumed_run_equals_an_uninterrupted_one(teacher, tmp_path):
-    whole = prepare(teacher, tmp_path / "whole", "--tokens=1500")
+    whole = prepare(teacher, tmp_path / "whole", "--tokens=1500", "--dtype=float32")
     assert whole.returncode == 0, whole.stderr
     chunks = [f for f in os.listdir(tmp_path / "whole" / "chunks") if f.endswith(".bin")]
     assert len(chunks) >= 10  # enough batches that every 10th is val
-    assert prepare(teacher, tmp_path / "again", "--tokens=1500").returncode == 0
+    # again, through the compiled decode step: the same text (fp32, where compiled and eager agree to the token)
+    assert prepare(teacher, tmp_path / "again", "--tokens=1500", "--dtype=float32", "--compile=True").returncode == 0
     assert splits(tmp_path / "again") == splits(tmp_path / "whole")
     # interrupted: a first run stops early, then a crash loses a finished batch and leaves a half-written one
     part = tmp_path / "part"
-    assert prepare(teacher, part, "--tokens=500").returncode == 0
+    assert prepare(teacher, part, "--tokens=500", "--dtype=float32").returncode == 0
     done = sorted(f for f in os.listdir(part / "chunks") if f.endswith(".bin"))
     os.remove(part / "chunks" / done[-1])
     (part / "chunks" / (done[-1] + ".tmp")).write_bytes(b"\x01\x02\x03")
-    resumed = prepare(teacher, part, "--tokens=1500")
+    resumed = prepare(teacher, part, "--tokens=1500", "--dtype=float32")
     assert resumed.returncode == 0, resumed.stderr
     assert splits(part) == splits(tmp_path / "whole")
     meta = json.loads((part / "meta.json").read_text())
@@ -94,6 +97,8 @@ def test_chat_openings_are_rendered_in_the_models_template(teacher, tmp_path):
     (["--tokens=10", "--teacher=gguf:/no/such.gguf"], "/no/such.gguf"),
     (["--tokens=10", "--device=cuda:99"], "device='cuda:99', but"),  # no GPU here, or not 100 of them
     (["--tokens=10", "--device=tpu"], "device='tpu': expected cpu, cuda"),
+    (["--tokens=10", "--dtype=float64"], "dtype='float64': expected float32, bfloat16 or float16"),
+    (["--tokens=10", "--compile=yes"], "--compile=yes: expected True or False"),
 ])
 def test_bad_input_is_one_line(teacher, tmp_path, extra, match):
     r = prepare(teacher, tmp_path / "bad", *extra)
@@ -123,7 +128,7 @@ def test_a_shipped_corpus_gives_what_tokens_asks_and_a_larger_ask_writes_on_from
     for n, reference in fresh.items():
         out = tmp_path / f"from_ship{n}"
         teacher_text.main([f"--teacher=gguf:{teacher}", f"--out_dir={out}", "--batch_size=3", "--max_new_tokens=9",
-                           "--seed=7", f"--tokens={n}"])
+                           "--seed=7", f"--tokens={n}", "--compile=False"])
         got, k = chunks(out), min(len(reference), len(names))
         assert f"starting from {k} of the batches shipped" in capsys.readouterr().out
         assert len(got) == len(reference), (n, len(got), len(reference))

@@ -11,7 +11,7 @@ from conftest import ROOT, read_log, run, run_script, tiny_args
 import model as model_module
 from model import UsageError
 from echo.costs import training_flops_per_token
-from train import TrainConfig
+from train import TrainConfig, train
 
 @pytest.mark.parametrize("kv_share", ["none", "echo:1", "cla:2", "0,0,2,2"])
 def test_short_run_loss_falls_and_checkpoint_has_no_consumer_kv(data_dir, tmp_path, kv_share):
@@ -139,7 +139,7 @@ def test_mfu_is_printed_with_the_peak_it_is_against(data_dir, tmp_path, capsys):
 
 def test_without_always_save_the_checkpoint_is_the_best_eval(data_dir, tmp_path):
     # a learning rate high enough that val loss rises again, so "the best" and "the last" differ
-    run(data_dir, tmp_path, always_save_checkpoint=False, learning_rate=0.05, warmup_iters=0, grad_clip=0.0,
+    run(data_dir, tmp_path, always_save_checkpoint=False, learning_rate=0.2, warmup_iters=0, grad_clip=0.0,
         decay_lr=False, max_iters=40, eval_interval=5)
     evals = [r for r in read_log(tmp_path) if "val_loss" in r and r["iter"] > 0]
     best = min(evals, key=lambda r: r["val_loss"])
@@ -244,3 +244,49 @@ def test_trainable_sets_what_gets_a_gradient_and_the_flops(trainable):
         for st, expected in ((stages[0], EXPECTED_TRAINED[trainable]), (stages[-1], names)):
             st = dict(st, kv_sources=model.kv_sources, att_sources=model.att_sources)  # all converted: compare sets
             assert {n for n, p in enter_stage(model, st, "keep").named_parameters() if p.requires_grad} == expected
+
+
+# ----------------------------------------------------------------------------------------------------
+# The machine's own speed: the dtype it is best at, and memory that stays in the process
+
+@pytest.mark.parametrize("cuda,capabilities,dtype", [
+    (False, {"amx_bf16": True, "avx512_bf16": True}, "bfloat16"), (False, {"avx512_bf16": True}, "bfloat16"),
+    (False, {"amx_bf16": False, "avx512_bf16": False, "avx2": True}, "float32"), (False, {}, "float32")])
+def test_the_default_dtype_is_the_one_the_matrix_units_have(cuda, capabilities, dtype):
+    from configurator import default_dtype
+    chosen, why = default_dtype(cuda, capabilities)
+    assert chosen == dtype and ("in hardware" in why) and (dtype == "float32") == ("emulated" in why)
+
+
+def test_a_run_says_its_dtype_and_why(data_dir, tmp_path, capsys):
+    from configurator import DTYPE, DTYPE_WHY
+    argv = [a for a in tiny_args(data_dir, tmp_path / "default", max_iters=2) if not a.startswith("--dtype=")]
+    train(configure(TrainConfig(), argv))
+    assert f"dtype {DTYPE}: {DTYPE_WHY}\n" in capsys.readouterr().out
+    run(data_dir, tmp_path / "set", max_iters=2)  # tiny_args sets float32
+    assert "dtype float32: as set\n" in capsys.readouterr().out
+
+
+KEEP = """
+import sys, torch
+from configurator import keep_freed_memory
+kept = keep_freed_memory("cpu") if sys.argv[1] == "keep" else False
+t = torch.ones(64 * 2**20)  # 256 MB, as a step's large tensors (glibc maps each block over 32 MB on its own)
+address = t.data_ptr()
+for line in open("/proc/self/maps"):
+    low, high = (int(a, 16) for a in line.split()[0].split("-"))
+    if low <= address < high:
+        print(kept, line.split()[5] if len(line.split()) > 5 else "anonymous")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_freed_memory_stays_in_the_process_on_a_cpu():
+    """By default glibc maps a large block on its own and unmaps it when freed, so the next step page-faults it in
+    again; after keep_freed_memory it comes from the heap, which keeps what is freed (its own process: the setting
+    is the process's allocator's)."""
+    out = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", KEEP, mode], capture_output=True, text=True, cwd=ROOT, check=True)
+        out[mode] = r.stdout.split()
+    assert out == {"default": ["False", "anonymous"], "keep": ["True", "[heap]"]}

@@ -9,13 +9,14 @@ own sampling, plain-text starts across topics and, for a model with a chat templ
 
 Each batch of --batch_size documents is written to out_dir/chunks/ as soon as it is done (atomically), so an
 interrupted run, started again with the same settings, skips what it has and loses nothing; the same seed writes
-the same text on the same kind of device (a GPU samples with its own random numbers). SmolLM2-135M-Instruct's
-corpus at the default settings ships in this folder (smollm2.npz: 44 batches, 321,908 tokens, 438 KB; about 70
-minutes of a 2-core CPU at 75-106 tokens/s): a run with that teacher and those settings takes as many of its
-batches as --tokens asks for (the first 22, 159,952 tokens, for 155000; all 44 for 320000), the batches it would
-have written itself, and writes only what more --tokens asks for. A document is its opening and what the model
-wrote after it, up to and including its first end token (or, cut at --max_new_tokens, followed by one). Every 10th
-batch goes to val.bin, the rest to train.bin.
+the same text on the same kind of device and dtype (a GPU samples with its own random numbers; bf16 rounds other
+logits than fp32). The teacher writes in the machine's dtype (bf16 where the CPU has bf16 dot products), a batch
+at a time through one compiled decode step. SmolLM2-135M-Instruct's corpus at the default settings ships in this
+folder (smollm2.npz: 44 batches, 321,908 tokens, 438 KB, written in fp32 by an earlier sampler at 75-106 tokens/s):
+a run with that teacher and those settings takes as many of its batches as --tokens asks for (the first 22,
+159,952 tokens, for 155000; all 44 for 320000), and writes only what more --tokens asks for. A document is its
+opening and what the model wrote after it, up to and including its first end token (or, cut at --max_new_tokens,
+followed by one). Every 10th batch goes to val.bin, the rest to train.bin.
 """
 import argparse
 import json
@@ -28,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from configurator import check_device, run_main  # noqa: E402
+from configurator import DTYPE, DTYPE_WHY, check_device, keep_freed_memory, precision, run_main  # noqa: E402
 from data.common import id_dtype  # noqa: E402
-from echo.generate import sample_logits  # noqa: E402
+from echo.generate import compile_decode_step, sample_logits  # noqa: E402
 from echo.tokenizer import bpe_meta, stop_ids, text_encoder  # noqa: E402
 from model import UsageError  # noqa: E402
 
@@ -80,10 +81,11 @@ def openings(batch, batch_size, seed, encode, chat_tokens):
 
 
 @torch.no_grad()
-def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_p):
+def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_p, step=None, cache_len=None):
     """Sample up to max_new_tokens after each prompt, all rows in one batch through the KV cache, and return each
     row's document. Prompts differ in length: the shared prefix is prefilled, then a row still inside its prompt
-    is fed its own next token instead of a sampled one (no padding, so nothing changes what the model sees)."""
+    is fed its own next token instead of a sampled one (no padding, so nothing changes what the model sees).
+    step: the decode step (a compiled one, made for a cache of cache_len positions: the same for every batch)."""
     lengths = [len(p) for p in prompts]
     B, start, total = len(prompts), min(lengths), max(lengths) + max_new_tokens
     device = model.tok_embeddings.weight.device  # every tensor below lives where the model does
@@ -92,7 +94,8 @@ def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_
         ids[i, :len(p)] = torch.tensor(p)
     ids = ids.to(device)
     in_prompt = torch.arange(total, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # (B,total)
-    model.setup_cache(B, total)
+    model.setup_cache(B, cache_len or total)
+    step = model if step is None else step
     stop_t, done = torch.tensor(stop or [-1], device=device), torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids[:, :start], input_pos=torch.arange(start, device=device))[0][:, -1]  # (B, V)
     for t in range(start, total):
@@ -101,7 +104,7 @@ def write_documents(model, prompts, max_new_tokens, stop, eot, vocab_limit, top_
         done |= ~in_prompt[:, t] & torch.isin(token, stop_t)
         if bool(done.all()) or t == total - 1:  # one host sync a token: a batch of 256 rows amortises it
             break
-        logits = model(token[:, None], input_pos=torch.tensor([t], device=device))[0][:, -1]
+        logits = step(token[:, None], input_pos=torch.tensor([t], device=device))[0][:, -1]
     docs = []
     ids = ids.cpu()
     for i, n in enumerate(lengths):
@@ -143,13 +146,20 @@ def main(argv):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--ship", default="", help="also write every batch, with the settings, to this .npz file")
     p.add_argument("--device", default="cpu", help="where the teacher writes: cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=DTYPE, help=f"the teacher's dtype (default here: {DTYPE}, {DTYPE_WHY})")
+    p.add_argument("--compile", default="True", help="compile the decode step (True/False): ~1 minute, paid back "
+                                                     "within a few thousand tokens")
     args = p.parse_args(argv)
     if args.tokens < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
         raise UsageError("--tokens, --batch_size and --max_new_tokens must be at least 1, --top_p in (0, 1]")
+    if args.compile not in ("True", "False"):
+        raise UsageError(f"--compile={args.compile}: expected True or False")
     check_device(args.device)
+    ptdtype = precision(args.device, args.dtype)[0]
+    keep_freed_memory(args.device)
     meta = bpe_meta(args.teacher)
     from echo.pretrained import import_pretrained  # after the arguments are checked: loading takes seconds
-    model = import_pretrained(args.teacher).eval().to(args.device)
+    model = import_pretrained(args.teacher).eval().to(args.device, ptdtype)
     chat_tokens = None
     if meta.get("chat_template"):
         from echo.chat import Chat
@@ -192,11 +202,17 @@ def main(argv):
     have, b = 0, 0
     while os.path.exists(chunk(b)):  # the batches an earlier run finished
         have, b = have + os.path.getsize(chunk(b)) // np.dtype(dtype).itemsize, b + 1
+    encode, step, cache_len = text_encoder(meta), None, None
+    if wants_more(have, b):  # one cache size for every batch (the longest opening and max_new_tokens), so that one
+        longest = max([len(encode(s)) for s in PLAIN] + [len(chat_tokens(r)) for r in REQUESTS if chat_tokens])
+        cache_len = min(model.config.block_size, longest + args.max_new_tokens)  # compiled decode step serves all
+        step = compile_decode_step(model, args.batch_size, cache_len) if args.compile == "True" else None
     bar = tqdm(total=args.tokens, initial=min(have, args.tokens), unit="tok", desc="teacher text", smoothing=0.1)
     while wants_more(have, b):
         torch.manual_seed(args.seed * 1_000_003 + b)
-        prompts = openings(b, args.batch_size, args.seed, text_encoder(meta), chat_tokens)
-        docs = write_documents(model, prompts, args.max_new_tokens, stop, eot, meta["vocab_size"], args.top_p)
+        prompts = openings(b, args.batch_size, args.seed, encode, chat_tokens)
+        docs = write_documents(model, prompts, args.max_new_tokens, stop, eot, meta["vocab_size"], args.top_p, step,
+                               cache_len)
         save_atomic(chunk(b), np.asarray([t for d in docs for t in d], dtype=dtype))
         n = sum(map(len, docs))
         have, b = have + n, b + 1
