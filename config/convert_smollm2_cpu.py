@@ -19,5 +19,5 @@ log_interval = 10
 distill_alpha = 1.0                # KD only: the teacher's distribution on its own text, no labels needed
 always_save_checkpoint = False
 device = "cpu"
-compile = False                    # a 30-iteration demo: compiling takes longer than it saves (the hour's config: True)
+compile = False                    # a 30-iteration demo: compiling takes longer than it saves (the hour in RESULTS: --compile=True)
 # dtype: the machine's default, bf16 where the CPU has bf16 dot products (2-3x fp32's tokens/s here), else fp32

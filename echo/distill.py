@@ -84,7 +84,7 @@ def distill_loss(student_logits, teacher_logits, temperature):
     return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-CHUNK = 64  # positions per chunk: a 64 x 49,152 fp32 chunk is 12.6 MB (measured fastest on 2-core CPUs: RESULTS)
+CHUNK = 64  # positions per chunk: a 64 x 49,152 fp32 chunk is 12.6 MB (64-256 within noise of each other: RESULTS)
 
 
 class HeadLoss(torch.autograd.Function):

@@ -167,13 +167,16 @@ def plot_frontier(points, dataset, within, file):
     plt.close(fig)
 
 
-def plot_curve(points, trend, targets, title, file, predicted=()):
+def plot_curve(points, trend, targets, title, file, predicted=(), beside=()):
     """analyze.py curve: gap against tokens trained on a log axis (the one-shot point, at 0 tokens, as a line),
-    the fitted trend extended to the tokens it predicts for the targets, dotted lines at the targets."""
+    the fitted trend extended to the tokens it predicts for the targets, dotted lines at the targets, and the
+    trained points of earlier curves (name, points) beside, thinner."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     trained = [(t, g) for t, g, _ in points if t > 0]
     ax.plot(*zip(*trained), marker="o", color="C0", label="after training")
+    for i, (name, earlier) in enumerate(beside):
+        ax.plot(*zip(*[(t, g) for t, g, _ in earlier if t > 0]), marker=".", lw=1, color=f"C{i + 2}", label=name)
     for t, g, _ in points:
         if t == 0:
             ax.axhline(g, color="C0", ls="--", lw=0.8, label=f"one-shot ({g:+.3f})")

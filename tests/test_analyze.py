@@ -1,4 +1,5 @@
 """analyze.py runs: the log fields a plot needs, the table, the PNG, and a missing run in one line."""
+import json
 import math
 import os
 import subprocess
@@ -266,10 +267,13 @@ def test_curve_tabulates_fits_and_plots_a_doubling_run(two_runs, data_dir, tmp_p
     run(data_dir, tmp_path / "kv1", kv_share="echo:1", max_iters=6, eval_spacing="doubling", **base)
     evals = [x for x in read_log(tmp_path / "kv1") if "val_loss" in x]
     assert [e["iter"] for e in evals] == [0, 1, 2, 4, 6]  # 0, then eval_interval x 1, 2, 4, and the last
-    png = tmp_path / "curve.png"
+    png, saved = tmp_path / "curve.png", tmp_path / "kv1.json"
     r = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"), "--fit_from=1",
-                   "--targets=-5", f"--plot={png}")
+                   "--targets=-5", f"--save={saved}")
     assert r.returncode == 0, r.stderr
+    again = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"), "--fit_from=1",
+                       "--targets=-5", f"--plot={png}", f"--beside={saved}")  # drawn beside its own saved points
+    assert again.returncode == 0 and again.stdout == r.stdout + f"wrote {png}\n", again.stderr
     orig = read_log(tmp_path / "orig")[0]["eval_losses"]["tiny"]
     gaps = [(e["tokens"], e["eval_losses"]["tiny"] - orig) for e in evals]
     for tokens, gap in gaps:
@@ -277,5 +281,10 @@ def test_curve_tabulates_fits_and_plots_a_doubling_run(two_runs, data_dir, tmp_p
     a, b = recovery_trend(gaps, 1)
     assert f"gap = {a:.3f} {b:+.4f} x log10(tokens)" in r.stdout and "gap -5.00: " in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads(saved.read_text())["points"]
+    assert [(t, round(g, 6)) for t, g, _ in points] == [(t, round(g, 6)) for t, g in gaps]
     alone = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"))
     assert alone.returncode == 1 and "curve needs two train.py out_dirs" in alone.stderr
+    bad = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"),
+                     f"--plot={png}", f"--beside={tmp_path / 'orig' / 'log.jsonl'}")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not a curve --save wrote" in bad.stderr

@@ -50,7 +50,7 @@ def test_sample_stops_at_the_files_end_token(tmp_path, tokenizer):
     end = free[5]  # the id greedy decoding reaches at its 6th token: make it the model's end token
     stopping = tiny_gguf(tmp_path / "stops.gguf", tokenizer, eos=end)  # the same weights
     args = ["sample.py", f"--init_from=gguf:{stopping}", "--start=hello", "--num_samples=1", "--max_new_tokens=12",
-            "--temperature=0"]
+            "--temperature=0", "--dtype=float32"]  # the greedy tokens above are fp32's
     r = run_script(*args)
     assert r.returncode == 0, r.stderr
     n = len(until_stop(free, {end}))
@@ -117,7 +117,7 @@ def test_bad_templates_are_one_line(tmp_path, tokenizer, template, match):
 
 def test_piped_chat_answers_each_line_and_rejects_an_empty_turn(gguf_chat):
     args = ["sample.py", f"--init_from=gguf:{gguf_chat}", "--chat", "--temperature=0", "--max_new_tokens=6",
-            "--system=Be brief."]
+            "--system=Be brief.", "--dtype=float32"]  # compared below with the reply of an fp32 model
     r = run_script(*args, input="Give me\nSpeak\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(" tokens in ") == 2

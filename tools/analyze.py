@@ -18,7 +18,7 @@ from the second half. The last lines are the chosen specs, ready for train.py.
 
 curve: for one converted run beside the original, the gap on a held-out set at every eval against the tokens
 trained (train.py eval_spacing=doubling spaces them on a log axis), a trend fitted on log tokens from --fit_from on,
-and the tokens it predicts for each --targets gap.
+and the tokens it predicts for each --targets gap; --save keeps the points, so a later --plot draws them --beside.
 
 frontier: for converted runs beside the original (all with --eval_datasets), the gap to the original on a
 held-out set one-shot and after training, what each saves (cache, parameters), local_mc accuracy where eval.py
@@ -289,10 +289,26 @@ def curve_main(dirs, args):
         for gap in targets:
             needed = tokens_for(trend, gap)
             print(f"  gap {gap:.2f}: " + (f"{needed:,.3g} tokens by the trend" if needed else "not reached by the trend"))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump({"name": run["name"], "dataset": dataset, "points": points}, f, indent=1)
     if args.plot:
         plot_curve(points, trend, targets, f"{run['name']}: {dataset} gap to the original", args.plot,
-                   [tokens_for(trend, g) for g in targets] if trend else [])
+                   [tokens_for(trend, g) for g in targets] if trend else [], earlier_curves(args.beside))
         print(f"wrote {args.plot}")
+
+
+def earlier_curves(files):
+    """The (name, points) of each curve an earlier `curve --save` wrote, from a comma-separated list of its files."""
+    curves = []
+    for file in filter(None, files.split(",")):
+        try:
+            with open(file) as f:
+                saved = json.load(f)
+            curves.append((saved["name"], [tuple(p) for p in saved["points"]]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--beside={file}: not a curve --save wrote ({e})") from None
+    return curves
 
 
 @dataclass
@@ -301,6 +317,8 @@ class CurveConfig:
     fit_from: int = 20000         # tokens from which on the trend is fitted (the first evals fall faster)
     targets: str = "0.10,0.05"    # gaps (nats) the trend is asked the tokens for
     plot: str = ""                # write gap against tokens (log axis) with the trend to this PNG
+    save: str = ""                # write the points (tokens, gap, training seconds) to this JSON file ...
+    beside: str = ""              # ... which --beside=FILE[,FILE] draws beside this run's points on the PNG
 
 
 @dataclass
