@@ -264,8 +264,8 @@ def attend_explicit(q, k, v, mask):
 
 
 def explicit_is_faster(device_type, dtype, T):
-    """Whether attend_explicit beats SDPA for a full causal pass of T positions: on a CPU in bf16 or fp16 up to 512
-    positions (the CPU flash kernel's backward is 2-3x slower there: docs/RESULTS.md); never on a GPU or in fp32."""
+    """Whether attend_explicit beats SDPA for a full causal pass of T positions: on a CPU in bf16 (fp16 assumed alike)
+    up to 512 (CPU flash: ~2x the time forward and backward, docs/RESULTS.md); never on a GPU or in fp32."""
     return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and T <= 512
 
 

@@ -7,8 +7,9 @@ after each group of layers that share, a source and its consumers, or SwiftKV's 
 layer), T = distill_temperature. The teacher is frozen: no gradients, no optimizer state, no dropout; it runs
 under inference_mode, its weights in the run's dtype (train.py casts them once, not every step).
 
-The LM head and the CE and KL terms run in chunks of positions (HeadLoss): the (B*T, vocab) logits of student and
-teacher, their softmaxes and their gradient never exist whole, only a chunk's at a time, which stays in cache.
+The LM head and the CE and KL terms run in chunks of positions (HeadLoss): the (B*T, vocab) fp32 logits of student
+and teacher, their softmaxes and their gradient exist a chunk at a time; only the gradient's copy in the matmul
+dtype is kept whole, for one weight-gradient matmul at the end.
 """
 import copy
 
@@ -96,8 +97,8 @@ class HeadLoss(torch.autograd.Function):
     gradient. Targets of -1 are ignored by CE (F.cross_entropy's ignore_index=-1; none counted: CE is 0, not NaN);
     KD averages over all rows.
     Each chunk's fp32 logits, softmaxes and their gradient live only while it is computed; the gradient is kept in
-    the matmul dtype for one weight-gradient matmul at the end (per chunk, each would rewrite the whole (V, C)
-    gradient: 4x slower on a CPU)."""
+    the matmul dtype for one weight-gradient matmul at the end (per chunk, each would add to the whole (V, C) fp32
+    gradient: 12x slower at SmolLM2's head in bf16 on a CPU, 671 against 57 ms for 512 positions)."""
 
     @staticmethod
     def forward(ctx, features, weight, targets, teacher_logits, w_ce, w_kd, temperature):

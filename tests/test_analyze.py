@@ -288,3 +288,6 @@ def test_curve_tabulates_fits_and_plots_a_doubling_run(two_runs, data_dir, tmp_p
     bad = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"),
                      f"--plot={png}", f"--beside={tmp_path / 'orig' / 'log.jsonl'}")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not a curve --save wrote" in bad.stderr
+    unplotted = run_script("-m", "tools.analyze", "curve", str(tmp_path / "kv1"), str(tmp_path / "orig"),
+                           f"--beside={saved}")  # nothing to draw it on: said, not ignored
+    assert unplotted.returncode == 1 and "give --plot" in unplotted.stderr and not unplotted.stdout

@@ -264,6 +264,9 @@ def tokens_for(trend, gap):
 
 
 def curve_main(dirs, args):
+    if args.beside and not args.plot:
+        raise UsageError("--beside draws earlier curves on the --plot PNG: give --plot=FILE.png too")
+    beside = earlier_curves(args.beside)
     runs = [read_run(folder) for folder in dirs]
     plain = [r for r in runs if all(s == i for key in ("kv_sources", "att_sources")
                                     for i, s in enumerate(r["evals"][-1].get(key, [])))]
@@ -294,7 +297,7 @@ def curve_main(dirs, args):
             json.dump({"name": run["name"], "dataset": dataset, "points": points}, f, indent=1)
     if args.plot:
         plot_curve(points, trend, targets, f"{run['name']}: {dataset} gap to the original", args.plot,
-                   [tokens_for(trend, g) for g in targets] if trend else [], earlier_curves(args.beside))
+                   [tokens_for(trend, g) for g in targets] if trend else [], beside)
         print(f"wrote {args.plot}")
 
 

@@ -15,9 +15,9 @@ at a time through one compiled decode step. SmolLM2-135M-Instruct's corpus at th
 folder (smollm2.npz: 134 batches, 966,662 tokens, 1.3 MB; the first 44 written in fp32 by an earlier sampler at
 75-106 tokens/s, the other 90 in bf16 by this one at 291): a run with that teacher and those settings takes as
 many of its batches as --tokens asks for (the first 22, 159,952 tokens, for 155000; the first 44 for 320000; all
-for 966662), and writes only what more --tokens asks for. A document is its
-opening and what the model wrote after it, up to and including its first end token (or, cut at --max_new_tokens,
-followed by one). Every 10th batch goes to val.bin, the rest to train.bin.
+for 966662), and writes only what more --tokens asks for. A document is its opening and what the model wrote
+after it, up to and including its first end token (or, cut at --max_new_tokens, followed by one). Every 10th batch
+goes to val.bin, the rest to train.bin.
 """
 import argparse
 import json
